@@ -1,0 +1,23 @@
+"""KFP component: square crops around every box, resized once to the training size."""
+
+from animl_retrain.components.images import CPU_IMAGE
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def crop_op(images: Input[Dataset], ground_truth: Input[Dataset], crops: Output[Dataset], crop_size: int = 224):
+    """Cut and store the crops, with a manifest."""
+    from animl_retrain.components.runtime import run_stage
+
+    from animl_retrain.stages import crop as stage
+
+    run_stage(
+        stage.run,
+        stage.CropConfig,
+        crops,
+        images=images.path,
+        ground_truth=ground_truth.path,
+        out=crops.path,
+        crop_size=crop_size,
+    )

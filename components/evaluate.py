@@ -1,0 +1,42 @@
+"""KFP component: test-set metrics, confusion matrix and a summary, for the UI and MLflow."""
+
+from animl_retrain.components.images import ML_IMAGE
+from kfp import dsl
+from kfp.dsl import ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+
+@dsl.component(base_image=ML_IMAGE, install_kfp_package=False)
+def evaluate_op(
+    model: Input[Model],
+    crops: Input[Dataset],
+    split: Input[Dataset],
+    evaluation: Output[Dataset],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    summary: Output[Markdown],
+    registered_name: str = "",
+):
+    """Score the model (and the current champion) on the test split."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from animl_retrain.components.runtime import run_stage
+
+    from animl_retrain.stages import evaluate as stage
+
+    run_stage(
+        stage.run,
+        stage.EvaluateConfig,
+        evaluation,
+        model=model.path,
+        crops=crops.path,
+        split=split.path,
+        out=evaluation.path,
+        registered_name=registered_name,
+    )
+    result = json.loads((Path(evaluation.path) / stage.METRICS_FILE).read_text())["model"]
+    for key in ("top1", "top3", "macro_f1", "weighted_f1"):
+        metrics.log_metric(f"test_{key}", round(result[key], 4))
+    confusion.log_confusion_matrix(result["labels"], result["confusion_matrix"])
+    shutil.copyfile(Path(evaluation.path) / "summary.md", summary.path)

@@ -1,0 +1,34 @@
+"""KFP component: location-grouped train/val/test split and the label index."""
+
+from animl_retrain.components.images import CPU_IMAGE
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def split_op(
+    crops: Input[Dataset],
+    split: Output[Dataset],
+    val_frac: float = 0.15,
+    test_frac: float = 0.15,
+    min_locs: int = 3,
+    trials: int = 10000,
+    seed: int = 0,
+):
+    """Assign every location wholly to train, val or test."""
+    from animl_retrain.components.runtime import run_stage
+
+    from animl_retrain.stages import split as stage
+
+    run_stage(
+        stage.run,
+        stage.SplitConfig,
+        split,
+        crops=crops.path,
+        out=split.path,
+        val_frac=val_frac,
+        test_frac=test_frac,
+        min_locs=min_locs,
+        trials=trials,
+        seed=seed,
+    )

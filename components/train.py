@@ -1,0 +1,48 @@
+"""KFP component: train the classifier, logging to MLflow."""
+
+from animl_retrain.components.images import ML_IMAGE
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+
+@dsl.component(base_image=ML_IMAGE, install_kfp_package=False)
+def train_op(
+    crops: Input[Dataset],
+    split: Input[Dataset],
+    model: Output[Model],
+    arch: str = "efficientnet_b0",
+    weights: str = "",
+    image_size: int = 224,
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    balance: str = "loss",
+    patience: int = 5,
+    seed: int = 0,
+    experiment: str = "animl-classifier",
+    kfp_run_id: str = "",
+):
+    """Fine-tune a torchvision classifier on the train split; the best val epoch is kept."""
+    from animl_retrain.components.runtime import run_stage
+
+    from animl_retrain.stages import train as stage
+
+    run_stage(
+        stage.run,
+        stage.TrainConfig,
+        model,
+        crops=crops.path,
+        split=split.path,
+        out=model.path,
+        arch=arch,
+        weights=weights,
+        image_size=image_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        balance=balance,
+        patience=patience,
+        seed=seed,
+        experiment=experiment,
+        kfp_run_id=kfp_run_id,
+    )

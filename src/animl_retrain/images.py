@@ -1,0 +1,78 @@
+"""Opening camera-trap images safely: a pixel ceiling against decompression bombs, truncation as an error."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image, ImageFile
+
+# Full-size camera-trap frames are at most ~50 MP; anything far beyond that is a bomb or a broken header.
+DEFAULT_MAX_PIXELS = 120_000_000
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class BadImageError(Exception):
+    """The file is not an image we can decode, or is larger than the configured ceiling."""
+
+
+def open_image(
+    source: Path | BinaryIO,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    scale_for: Callable[[int, int], int] | None = None,
+):
+    """Open and fully decode an image as RGB.
+
+    Args:
+        source: the image file, or a binary stream.
+        max_pixels: refuse images with more pixels than this (PIL's own guard stays on as well).
+        scale_for: given the full ``(width, height)``, the factor (1, 2, 4 or 8) by which the JPEG decoder may
+            scale the image down while decoding; decoding at reduced scale is several times faster.
+
+    Returns:
+        ``(image, (width, height))`` where the size is the file's full size, before any reduced-scale decoding.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(source)
+            full = img.size
+            if full[0] * full[1] > max_pixels:
+                raise BadImageError(f"{full[0]}x{full[1]} pixels is over the ceiling of {max_pixels}")
+            scale = scale_for(*full) if scale_for else 1
+            if scale > 1 and img.format == "JPEG":
+                img.draft("RGB", (-(-full[0] // scale), -(-full[1] // scale)))
+            img = img.convert("RGB")
+            img.load()
+            return img, full
+    except BadImageError:
+        raise
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
+        raise BadImageError(f"cannot decode: {e}") from e
+
+
+def image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Read an image's size from its header, without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(f"cannot read header: {e}") from e
+    if w * h > max_pixels:
+        raise BadImageError(f"{w}x{h} pixels is over the ceiling of {max_pixels}")
+    return w, h
+
+
+def verify_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Decode the image at reduced scale to prove it is whole; return its full size."""
+    _, full = open_image(path, max_pixels=max_pixels, scale_for=lambda w, h: 8)
+    return full

@@ -1,0 +1,76 @@
+"""The MegaDetector results format ("MD format", version 1.6): write it, read it, convert boxes.
+
+Boxes are ``[x_min, y_min, width, height]`` normalised to 0..1 with the origin at the top left; ``conf`` is a
+float; ``classifications`` are ``[[class id, conf], ...]`` sorted by descending confidence.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+from typing import Any
+
+from animl_retrain.common import PipelineError, read_json, write_json
+
+FORMAT_VERSION = "1.6"
+DETECTION_CATEGORIES = {"1": "animal", "2": "person", "3": "vehicle"}
+ANIMAL = "1"
+
+
+def new_results(detector: str, classification_labels: list[str] | None = None, **info: Any) -> dict[str, Any]:
+    """An empty results document with the standard detection categories."""
+    data: dict[str, Any] = {
+        "info": {
+            "format_version": FORMAT_VERSION,
+            "detector": detector,
+            "detection_completion_time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            **info,
+        },
+        "detection_categories": dict(DETECTION_CATEGORIES),
+        "images": [],
+    }
+    if classification_labels is not None:
+        data["classification_categories"] = {str(i): name for i, name in enumerate(classification_labels)}
+    return data
+
+
+def normalise_box(x: float, y: float, w: float, h: float, width: int, height: int) -> tuple[list[float], bool] | None:
+    """Convert an absolute-pixel box to a normalised one clipped to the frame.
+
+    Returns ``(box, clipped)``, or None when nothing of the box lies inside the frame.
+    """
+    x0, y0 = max(0.0, x), max(0.0, y)
+    x1, y1 = min(float(width), x + w), min(float(height), y + h)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
+        return None
+    clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
+    box = [
+        round(x0 / width, 6),
+        round(y0 / height, 6),
+        round((x1 - x0) / width, 6),
+        round((y1 - y0) / height, 6),
+    ]
+    return box, clipped
+
+
+def write_results(path: Path, data: dict[str, Any]) -> None:
+    """Write a results file atomically."""
+    write_json(Path(path), data)
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """Read a results file and check the parts this project relies on."""
+    data = read_json(Path(path), "MegaDetector results file")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise PipelineError(f"{path}: not a MegaDetector results file (no 'images' list)")
+    if not isinstance(data.get("detection_categories"), dict):
+        raise PipelineError(f"{path}: no 'detection_categories'")
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not isinstance(im.get("file"), str):
+            raise PipelineError(f"{path}: images[{i}] has no 'file'")
+        for j, det in enumerate(im.get("detections") or []):
+            box = det.get("bbox") if isinstance(det, dict) else None
+            if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, int | float) for v in box):
+                raise PipelineError(f"{path}: images[{i}] ({im['file']}) detections[{j}] has no valid 'bbox'")
+    return data

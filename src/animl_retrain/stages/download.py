@@ -1,0 +1,228 @@
+"""Stage 2, download: fetch every full-size image the export needs.
+
+Bounded concurrency, retries with backoff on transient errors, skip-if-present-and-same-size (a re-run fetches
+only what is missing), MD5 checked against the object's ETag where S3 gives one, and atomic writes (a killed
+run never leaves a half-written file under its final name). Missing objects and undecodable images are listed
+in ``report.json`` and skipped; the stage fails above ``max_missing_fraction`` or when objects could not be
+fetched at all (a dead endpoint), so that nothing is lost silently. ``images.csv`` lists the images on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+
+from animl_retrain import storage, tables
+from animl_retrain.common import PipelineError, Report, UnsafePathError, atomic_path, log, safe_relpath
+from animl_retrain.config import StageConfig
+from animl_retrain.images import DEFAULT_MAX_PIXELS, BadImageError, verify_image
+
+IMAGES_DIR = "images"
+CHUNK = 1 << 20
+
+
+class DownloadConfig(StageConfig):
+    """Settings of the download stage."""
+
+    export: Path = Field(description="output folder of the export stage")
+    images_uri: str = Field(
+        description="where the images live: s3://bucket[/prefix] (Animl's serving bucket) or a folder"
+    )
+    out: Path = Field(description="output folder")
+    workers: int = Field(16, ge=1, le=256, description="concurrent downloads")
+    retries: int = Field(5, ge=0, le=20, description="retries per object on transient errors, with backoff")
+    max_missing_fraction: float = Field(0.05, ge=0, le=1, description="fail if more images than this are missing")
+    verify: bool = Field(True, description="decode each image to check it is whole")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="refuse images with more pixels than this")
+
+
+class DownloadResult(BaseModel):
+    """What the download stage produced."""
+
+    downloaded: int
+    already_present: int
+    missing: int
+    corrupt: int
+    bytes: int
+
+
+class _Missing(Exception):
+    pass
+
+
+class _Source:
+    """Reads objects from an S3 prefix or a local folder."""
+
+    def __init__(self, uri: str, workers: int):
+        self.uri = uri
+        self.local = None if storage.is_s3(uri) else Path(uri)
+        if self.local is not None:
+            if not self.local.is_dir():
+                raise PipelineError(f"images folder not found: {uri}")
+            return
+        self.bucket, prefix = storage.parse_s3_uri(uri)
+        self.prefix = prefix.rstrip("/") + "/" if prefix else ""
+        self.client = storage.s3_client(max_pool_connections=workers, max_attempts=3)
+        storage.check_bucket(self.client, self.bucket)
+
+    def size(self, key: str) -> int | None:
+        """Size of the object, or None if it does not exist."""
+        if self.local is not None:
+            path = self.local / safe_relpath(key, "image key")
+            return path.stat().st_size if path.is_file() else None
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)["ContentLength"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def copy_to(self, key: str, dest: Path) -> int:
+        """Copy the object to ``dest`` (a temporary path) and return its size; raise _Missing if absent."""
+        if self.local is not None:
+            src = self.local / safe_relpath(key, "image key")
+            if not src.is_file():
+                raise _Missing(str(src))
+            shutil.copyfile(src, dest)
+            return dest.stat().st_size
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise _Missing(f"s3://{self.bucket}/{self.prefix}{key}") from e
+            raise
+        etag = obj.get("ETag", "").strip('"')
+        md5 = hashlib.md5(usedforsecurity=False)
+        size = 0
+        with open(dest, "wb") as f:
+            for chunk in obj["Body"].iter_chunks(CHUNK):
+                md5.update(chunk)
+                f.write(chunk)
+                size += len(chunk)
+        if size != obj["ContentLength"]:
+            raise OSError(f"short read: {size} of {obj['ContentLength']} bytes")
+        if etag and "-" not in etag and len(etag) == 32 and md5.hexdigest() != etag:
+            raise OSError("MD5 does not match the object's ETag")
+        return size
+
+
+def _is_transient(exc: Exception) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return (
+            status >= 500
+            or status == 429
+            or exc.response.get("Error", {}).get("Code") in ("SlowDown", "RequestTimeout")
+        )
+    return isinstance(exc, OSError | BotoCoreError)
+
+
+def _fetch_one(source: _Source, row: dict, dest_root: Path, cfg: DownloadConfig) -> tuple[str, int, str]:
+    """Fetch one image; return (status, bytes, detail) with status in ok/present/missing/corrupt/failed."""
+    dest = dest_root / row["file"]
+    try:
+        key = row["key"]
+        if dest.is_file():
+            size = source.size(key)
+            if size is not None and size == dest.stat().st_size:
+                return "present", 0, ""
+        for attempt in range(cfg.retries + 1):
+            try:
+                with atomic_path(dest) as tmp:
+                    size = source.copy_to(key, tmp)
+                    if cfg.verify:
+                        verify_image(tmp, cfg.max_pixels)
+                return "ok", size, ""
+            except (_Missing, BadImageError, UnsafePathError):
+                raise
+            except Exception as e:
+                if not _is_transient(e) or attempt == cfg.retries:
+                    raise
+                time.sleep(min(8.0, 0.25 * 2**attempt) * (0.5 + random.random()))
+    except _Missing as e:
+        return "missing", 0, str(e)
+    except (BadImageError, UnsafePathError) as e:
+        return "corrupt", 0, str(e)
+    except Exception as e:
+        return "failed", 0, storage.describe_s3_error(e, row["key"]) if source.local is None else str(e)
+    raise AssertionError("unreachable")
+
+
+def run(cfg: DownloadConfig) -> DownloadResult:
+    """Download the images of every image with kept objects; write ``images.csv`` and the report."""
+    report = Report("download")
+    images = tables.read_table(Path(cfg.export) / "images.csv", tables.IMAGES)
+    wanted = images[images["n_objects"] > 0]
+    for f in wanted["file"]:
+        safe_relpath(f, "file")  # the export stage checked these; never trust a table blindly
+    source = _Source(cfg.images_uri, cfg.workers)
+    dest_root = Path(cfg.out) / IMAGES_DIR
+    dest_root.mkdir(parents=True, exist_ok=True)
+
+    rows = wanted.to_dict("records")
+    statuses: list[str] = []
+    total_bytes = 0
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        results = pool.map(lambda r: _fetch_one(source, r, dest_root, cfg), rows)
+        for row, (status, nbytes, detail) in tqdm(
+            zip(rows, results, strict=True), total=len(rows), desc="download", disable=None
+        ):
+            statuses.append(status)
+            total_bytes += nbytes
+            if status in ("missing", "corrupt", "failed"):
+                report.problem(f"{status} image", f"image {row['image_id']!r} key {row['key']!r}", detail)
+
+    wanted = wanted.assign(_status=statuses)
+    on_disk = wanted[wanted["_status"].isin(["ok", "present"])].drop(columns="_status")
+    counts = {s: statuses.count(s) for s in ("ok", "present", "missing", "corrupt", "failed")}
+    report.counts = {
+        "wanted": len(rows),
+        "downloaded": counts["ok"],
+        "already_present": counts["present"],
+        "missing": counts["missing"],
+        "corrupt": counts["corrupt"],
+        "failed": counts["failed"],
+        "bytes": total_bytes,
+    }
+    tables.write_table(on_disk, Path(cfg.out) / "images.csv", tables.IMAGES)
+    report.finish(cfg.out)
+
+    if counts["failed"]:
+        first = next(p for p in report.problems if p["what"] == "failed image")
+        raise PipelineError(
+            f"download: {counts['failed']} of {len(rows)} images could not be fetched after {cfg.retries} retries "
+            f"(first: {first['where']}: {first['detail']}). Files already on disk are complete; re-run to resume."
+        )
+    lost = counts["missing"] + counts["corrupt"]
+    if rows and lost / len(rows) > cfg.max_missing_fraction:
+        raise PipelineError(
+            f"download: {lost} of {len(rows)} images are missing or undecodable, over max_missing_fraction="
+            f"{cfg.max_missing_fraction}; see {Path(cfg.out) / 'report.json'}"
+        )
+    log.info(
+        "download: %d fetched, %d already present, %d missing, %d corrupt",
+        counts["ok"],
+        counts["present"],
+        counts["missing"],
+        counts["corrupt"],
+    )
+    return DownloadResult(
+        downloaded=counts["ok"],
+        already_present=counts["present"],
+        missing=counts["missing"],
+        corrupt=counts["corrupt"],
+        bytes=total_bytes,
+    )

@@ -1,0 +1,129 @@
+"""Stage 8, register: put the model in the MLflow registry and decide whether it becomes the champion.
+
+The model is logged as a pyfunc (see :mod:`animl_retrain.mlflow_model`) into the training run and registered
+under ``name`` with tags (KFP run id, export fingerprint, label index, preprocessing, test-set fingerprint,
+test macro-F1). It always gets the ``challenger`` alias; ``champion`` moves to it only when there is no champion
+or it beats the champion's macro-F1 on the same test set. An evaluation that did not complete never moves it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from animl_retrain import tracking
+from animl_retrain.common import PipelineError, Report, log, read_json, write_json
+from animl_retrain.config import StageConfig
+from animl_retrain.stages.evaluate import METRICS_FILE
+from animl_retrain.stages.train import CHECKPOINT
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+class RegisterConfig(StageConfig):
+    """Settings of the register stage."""
+
+    model: Path = Field(description="output folder of the train stage")
+    evaluation: Path = Field(description="output folder of the evaluate stage")
+    export: Path = Field(description="output folder of the export stage (for the export fingerprint)")
+    out: Path = Field(description="output folder")
+    name: str = Field("animl-classifier", min_length=1, description="registered model name in MLflow")
+    kfp_run_id: str = Field("", description="Kubeflow run id, recorded as a tag")
+
+
+class RegisterResult(BaseModel):
+    """What the register stage did."""
+
+    name: str
+    version: str
+    aliases: list[str]
+    promoted: bool
+    reason: str
+
+
+def decide(evaluation: dict, current_champion) -> tuple[bool, str]:
+    """Whether the challenger should become champion, and why.
+
+    ``current_champion`` is the registry's champion version now (or None); the evaluation holds the scores of
+    the champion it compared against. A champion that moved since then is compared through its tags.
+    """
+    ours = evaluation["model"]["macro_f1"]
+    if current_champion is None:
+        return True, "no champion yet"
+    scored = evaluation.get("champion")
+    if scored and scored["version"] == str(current_champion.version):
+        theirs = scored["macro_f1"]
+    elif current_champion.tags.get("test_fingerprint") == evaluation["test_fingerprint"]:
+        theirs = float(current_champion.tags.get("test_macro_f1", "nan"))
+    else:
+        return False, (
+            f"champion v{current_champion.version} was not scored on this test set; "
+            "keeping it (re-run evaluation to compare)"
+        )
+    if math.isfinite(theirs) and ours <= theirs:
+        return False, f"macro-F1 {ours:.4f} does not beat champion v{current_champion.version}'s {theirs:.4f}"
+    return True, f"macro-F1 {ours:.4f} beats champion v{current_champion.version}'s {theirs:.4f}"
+
+
+def run(cfg: RegisterConfig) -> RegisterResult:
+    """Log, register and alias the model; write ``registration.json``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from animl_retrain.mlflow_model import log_model
+
+    report = Report("register")
+    evaluation = read_json(Path(cfg.evaluation) / METRICS_FILE, "evaluation metrics")
+    macro_f1 = (evaluation.get("model") or {}).get("macro_f1")
+    if evaluation.get("status") != "complete" or not isinstance(macro_f1, float) or not math.isfinite(macro_f1):
+        raise PipelineError(
+            "register: the evaluation did not complete; nothing is registered and champion is untouched"
+        )
+    run_id = read_json(Path(cfg.model) / tracking.RUN_FILE, "MLflow run record")["run_id"]
+    export_report = read_json(Path(cfg.export) / "report.json", "export report")
+    label_index = read_json(Path(cfg.model) / "label_index.json", "label index")
+    preprocessing = read_json(Path(cfg.model) / "preprocessing.json", "preprocessing")
+    tracking.check_server()
+
+    tags = {
+        "kfp_run_id": cfg.kfp_run_id,
+        "mlflow_run_id": run_id,
+        "export_fingerprint": export_report.get("fingerprint", ""),
+        "test_fingerprint": evaluation["test_fingerprint"],
+        "test_macro_f1": f"{macro_f1:.6f}",
+        "test_top1": f"{evaluation['model']['top1']:.6f}",
+        "label_index": json.dumps(label_index),
+        "preprocessing": json.dumps(preprocessing),
+    }
+    with mlflow.start_run(run_id=run_id):
+        mlflow.set_tags({k: v for k, v in tags.items() if k not in ("label_index", "preprocessing")})
+        info = log_model(Path(cfg.model) / CHECKPOINT)
+    client = mlflow.MlflowClient()
+    version = mlflow.register_model(info.model_uri, cfg.name, tags=tags)
+    client.set_registered_model_alias(cfg.name, CHALLENGER, version.version)
+    try:
+        current = client.get_model_version_by_alias(cfg.name, CHAMPION)
+    except MlflowException:
+        current = None
+    promoted, reason = decide(evaluation, current)
+    if promoted:
+        client.set_registered_model_alias(cfg.name, CHAMPION, version.version)
+    aliases = [CHALLENGER] + ([CHAMPION] if promoted else [])
+
+    result = RegisterResult(
+        name=cfg.name, version=str(version.version), aliases=aliases, promoted=promoted, reason=reason
+    )
+    model_uri = f"models:/{cfg.name}/{version.version}"
+    write_json(Path(cfg.out) / "registration.json", result.model_dump() | {"model_uri": model_uri})
+    (Path(cfg.out) / "registration.md").write_text(
+        f"# Registered `{cfg.name}` version {version.version}\n\nAliases: {', '.join(aliases)}. {reason}.\n\n"
+        f'Load it with `mlflow.pyfunc.load_model("models:/{cfg.name}@{aliases[-1]}")`.\n'
+    )
+    report.counts = {"version": int(version.version), "promoted": int(promoted)}
+    report.details.update(result.model_dump())
+    report.finish(cfg.out)
+    log.info("register: %s version %s (%s): %s", cfg.name, version.version, ", ".join(aliases), reason)
+    return result
