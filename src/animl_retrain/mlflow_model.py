@@ -76,7 +76,12 @@ def log_model(checkpoint: Path):
     import pydantic
     import torch
     import torchvision
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
 
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("binary", "image"), ColSpec(Array("double"), "bbox", required=False)]),
+    )
     requirements = [
         f"torch=={torch.__version__.split('+')[0]}",
         f"torchvision=={torchvision.__version__.split('+')[0]}",
@@ -91,5 +96,6 @@ def log_model(checkpoint: Path):
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(Path(animl_retrain.__file__).parent)],
         pip_requirements=requirements,
+        signature=signature,
         input_example=example_input(),
     )

@@ -73,7 +73,7 @@ class Preprocessing:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form stored in checkpoints and MLflow."""
-        return asdict(self)
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Preprocessing:

@@ -327,7 +327,7 @@ def _stop_one(state: Path, name: str, timeout: float) -> bool:
     return True
 
 
-def stop(state_dir: Path | None = None, timeout: float = 10.0) -> list[str]:
+def stop(state_dir: Path | None = None, timeout: float = 5.0) -> list[str]:
     """Stop the servers started in ``state_dir`` by their recorded PIDs; return the names stopped."""
     state = Path(state_dir or default_state_dir()).resolve()
     return [name for name in ("mlflow", "seaweedfs") if _stop_one(state, name, timeout)]

@@ -48,7 +48,8 @@ def s3_client(max_pool_connections: int = 10, max_attempts: int = 5, timeout: fl
         s3={"addressing_style": "path"} if endpoint_url() else None,
     )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.client("s3", config=config, region_name=region)
+    # A new session each time: the environment (credentials, endpoint) is read now, not cached from earlier.
+    return boto3.session.Session().client("s3", config=config, region_name=region)
 
 
 def describe_s3_error(exc: Exception, uri: str) -> str:

@@ -1,0 +1,57 @@
+# Animl classifier retraining pipeline. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CLI := $(BIN)/animl-retrain
+STAMP := $(VENV)/.installed
+export ANIML_STATE_DIR ?= $(CURDIR)/.state
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run stop clean test test-fast lint format compile lock
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/no-deps.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[ml,local,test,dev]'
+	$(BIN)/pip install --quiet --no-deps -r requirements/no-deps.txt
+	touch $@
+
+venv: $(STAMP) ## create the project virtualenv (.venv) with the pinned packages
+
+run: $(STAMP) ## start the embedded S3 + MLflow, seed the demo project, run the pipeline locally
+	$(CLI) services start
+	$(CLI) demo --embedded
+	$(CLI) run --params examples/demo.yaml
+
+stop: ## stop the embedded services (by their PIDs)
+	@if [ -x $(CLI) ]; then $(CLI) services stop; fi
+
+clean: stop ## stop the services and delete the local state (S3 data, MLflow database, run artifacts)
+	rm -rf $(ANIML_STATE_DIR)
+
+test: lint ## lint, then every test that needs no GPU and is not marked slow
+	$(BIN)/pytest -m "not slow and not gpu"
+
+test-fast: $(STAMP) ## unit tests only: no servers, no pipeline run
+	$(BIN)/pytest -m "not server and not pipeline and not slow and not gpu"
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+compile: $(STAMP) ## compile the pipeline to pipelines/retrain.yaml
+	$(CLI) compile
+
+lock: $(STAMP) ## rewrite requirements/constraints.txt from the current virtualenv
+	head -n 2 requirements/constraints.txt > requirements/constraints.txt.new
+	$(BIN)/pip freeze --exclude-editable | grep -v -i -f <(sed -n 's/==.*//p' requirements/no-deps.txt) \
+		>> requirements/constraints.txt.new
+	mv requirements/constraints.txt.new requirements/constraints.txt

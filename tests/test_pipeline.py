@@ -1,0 +1,88 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from animl_retrain.pipelines.retrain import COMPILED, compile_pipeline
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from animl_retrain import demo, services
+from animl_retrain.local_run import format_summary, run_local
+
+STAGES = ["export", "download", "cct-to-md", "crop", "split", "train", "evaluate", "register"]
+
+
+def test_compiles_to_kfp_ir(tmp_path):
+    docs = list(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
+    spec = json_format.ParseDict(docs[0], pipeline_spec_pb2.PipelineSpec())
+    assert set(spec.root.dag.tasks) == {f"{s}-op" for s in STAGES}
+    assert set(spec.root.input_definitions.parameters) >= {"export_uri", "images_uri", "label_spec", "model_name"}
+    for name, executor in spec.deployment_spec["executors"].items():
+        command = " ".join(executor["container"]["command"])
+        assert "pip install" not in command, name
+
+
+def test_committed_yaml_matches_the_code(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGE_REGISTRY", "IMAGE_TAG")}
+    out = tmp_path / "fresh.yaml"
+    subprocess.run(
+        [sys.executable, "-m", "animl_retrain.cli", "compile", "--output", str(out)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert out.read_text() == COMPILED.read_text(), "pipelines/retrain.yaml is stale: run `make compile`"
+
+
+@pytest.mark.server
+@pytest.mark.pipeline
+def test_whole_pipeline_locally_then_load_the_champion(servers, tmp_path):
+    from animl_retrain.storage import s3_client
+
+    client = s3_client()
+    for b in ("it-images", "it-exports"):
+        client.create_bucket(Bucket=b)
+    demo.generate(
+        "s3://it-images",
+        "s3://it-exports/export.json",
+        "s3://it-exports/spec.json",
+        n_images=120,
+        n_locations=8,
+        seed=5,
+    )
+    params = {
+        "export_uri": "s3://it-exports/export.json",
+        "images_uri": "s3://it-images",
+        "label_spec": "s3://it-exports/spec.json",
+        "model_name": "it-model",
+        "experiment": "it",
+        "arch": "mobilenet_v3_small",
+        "image_size": 32,
+        "epochs": 2,
+        "batch_size": 16,
+        "split_trials": 500,
+        "min_locs": 2,
+    }
+    summary = run_local(params, tmp_path / "root")
+
+    assert list(summary["stages"]) == STAGES
+    assert summary["stages"]["register"]["promoted"] is True
+    text = format_summary(summary, servers.mlflow_uri)
+    assert "it-model version 1" in text and servers.mlflow_uri in text and "macro-F1" in text
+
+    crop = next((tmp_path / "root").rglob("crops/crops/fox/*.jpg"))
+    code = f"""
+import json, mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/it-model@champion")
+out = model.predict(pd.DataFrame({{"image": [open({str(crop)!r}, "rb").read()]}}))
+print(json.dumps(out.iloc[0].to_dict()))
+"""
+    env = {**os.environ, **services.client_env(servers)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    probs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(probs) == {"bird", "fox", "lizard", "rodent", "skunk"}
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)

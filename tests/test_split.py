@@ -1,0 +1,95 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from animl_retrain import tables
+from animl_retrain.common import PipelineError, read_json
+from animl_retrain.stages import split
+
+
+def crops_table(rows) -> pd.DataFrame:
+    base = {c: "" for c in tables.CROPS}
+    frame = pd.DataFrame(
+        [
+            {**base, "annotation_id": f"a{i}", "crop": f"c{i}.jpg", "label": label, "location": loc}
+            for i, (label, loc) in enumerate(rows)
+        ]
+    )
+    for c in ("x", "y", "w", "h", "conf"):
+        frame[c] = 0.0
+    return frame
+
+
+def write_crops(tmp_path, rows):
+    (tmp_path / "crops").mkdir()
+    tables.write_table(crops_table(rows), tmp_path / "crops" / "crops.csv", tables.CROPS)
+    return tmp_path / "crops"
+
+
+def random_rows(n_locations=40, n_classes=6, seed=1):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for loc in range(n_locations):
+        for c in rng.choice(n_classes, size=rng.integers(2, n_classes + 1), replace=False):
+            rows += [(f"class{c}", f"loc{loc}")] * int(rng.integers(1, 30))
+    return rows
+
+
+def plain_search(counts, cfg):
+    """The same search written plainly: one trial at a time, scored with pandas (the reference)."""
+    rng = np.random.default_rng(cfg.seed)
+    frame = pd.DataFrame(counts)
+    best, best_score = None, np.inf
+    for start in range(0, cfg.trials, split.BATCH):
+        u_batch = rng.random((min(split.BATCH, cfg.trials - start), counts.shape[0]))
+        for u in u_batch:
+            assign = np.where(u < cfg.test_frac, 2, np.where(u < cfg.test_frac + cfg.val_frac, 1, 0))
+            per_split = frame.groupby(assign).sum().reindex([0, 1, 2], fill_value=0)
+            share = per_split / frame.sum()
+            score = abs(share.loc[1] - cfg.val_frac).sum() + abs(share.loc[2] - cfg.test_frac).sum()
+            score += split.MISSING_PENALTY * int((per_split == 0).to_numpy().sum())
+            if score < best_score - 1e-12:
+                best, best_score = assign, score
+    return best, best_score
+
+
+def test_vectorised_search_equals_the_plain_loop(tmp_path):
+    crops = crops_table(random_rows())
+    counts, _, _ = split.class_location_counts(crops)
+    cfg = split.SplitConfig(crops=tmp_path, out=tmp_path, trials=600, seed=7)
+    fast, fast_score = split.search(counts, cfg)
+    slow, slow_score = plain_search(counts, cfg)
+    assert np.array_equal(fast, slow) and fast_score == pytest.approx(slow_score)
+
+
+def test_locations_stay_whole_and_the_seed_decides(tmp_path):
+    src = write_crops(tmp_path, random_rows())
+    a = split.run(split.SplitConfig(crops=src, out=tmp_path / "a", seed=3, trials=2000))
+    b = split.run(split.SplitConfig(crops=src, out=tmp_path / "b", seed=3, trials=2000))
+    table = tables.read_table(tmp_path / "a" / "split.csv", tables.SPLIT)
+    assert (table.groupby("location")["split"].nunique() == 1).all()
+    assert a.test_fingerprint == b.test_fingerprint
+    assert (tmp_path / "a" / "split.csv").read_text() == (tmp_path / "b" / "split.csv").read_text()
+    # every class lands in every split, near the requested shares
+    for label in a.labels:
+        total = sum(a.counts[s][label] for s in split.SPLITS)
+        assert a.counts["test"][label] > 0 and a.counts["val"][label] > 0
+        assert abs(a.counts["test"][label] / total - 0.15) < 0.12
+    assert read_json(tmp_path / "a" / "label_index.json") == {str(i): label for i, label in enumerate(a.labels)}
+
+
+def test_rare_classes_are_dropped_with_a_message(tmp_path):
+    rows = [*random_rows(n_classes=3), ("rare", "loc0"), ("rare", "loc1")]
+    src = write_crops(tmp_path, rows)
+    result = split.run(split.SplitConfig(crops=src, out=tmp_path / "s", min_locs=3, trials=200))
+    assert "rare" not in result.labels
+    problem = read_json(tmp_path / "s" / "report.json")["problems"][0]
+    assert problem["where"] == "rare" and "2 location" in problem["detail"]
+
+
+def test_bad_settings_and_too_few_locations(tmp_path):
+    with pytest.raises(PipelineError, match="val_frac"):
+        split.SplitConfig.build(crops=tmp_path, out=tmp_path, val_frac=0.6, test_frac=0.5)
+    src = write_crops(tmp_path, [("a", "l1"), ("b", "l1"), ("a", "l2"), ("b", "l2")])
+    with pytest.raises(PipelineError, match="cannot fill train, val and test"):
+        split.run(split.SplitConfig(crops=src, out=tmp_path / "s", min_locs=1, trials=10))

@@ -1,0 +1,172 @@
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from animl_retrain.common import PipelineError, read_json
+from animl_retrain.models import build_model, load_checkpoint
+from animl_retrain.stages import evaluate, register, train
+
+pytestmark = pytest.mark.server
+TINY = {"arch": "mobilenet_v3_small", "image_size": 32, "epochs": 2, "batch_size": 16, "workers": 0}
+
+
+@pytest.fixture(scope="module")
+def trained(servers, stage_outputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    result = train.run(
+        train.TrainConfig(
+            crops=stage_outputs["crops"], split=stage_outputs["split"], out=out, experiment="tests", **TINY
+        )
+    )
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, stage_outputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluation")
+    result = evaluate.run(
+        evaluate.EvaluateConfig(
+            model=trained[0],
+            crops=stage_outputs["crops"],
+            split=stage_outputs["split"],
+            out=out,
+            registered_name="tests-model",
+        )
+    )
+    return out, result
+
+
+def test_checkpoint_describes_itself_and_mlflow_has_the_run(trained):
+    import mlflow
+
+    out, result = trained
+    ckpt = load_checkpoint(out / train.CHECKPOINT)
+    assert ckpt["arch"] == "mobilenet_v3_small"
+    assert ckpt["labels"] == ["bird", "fox", "lizard", "rodent", "skunk"]
+    assert ckpt["preprocessing"]["image_size"] == 32 and ckpt["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    run = mlflow.get_run(result.mlflow_run_id)
+    assert run.data.params["arch"] == "mobilenet_v3_small"
+    history = mlflow.MlflowClient().get_metric_history(result.mlflow_run_id, "val_macro_f1")
+    assert [m.step for m in history] == list(range(1, result.epochs_run + 1))
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.mlflow_run_id)}
+    assert {"label_index.json", "preprocessing.json"} <= artifacts
+
+
+def test_evaluation_metrics(evaluated, trained):
+    import mlflow
+
+    out, result = evaluated
+    metrics = read_json(out / evaluate.METRICS_FILE)
+    assert metrics["status"] == "complete" and metrics["champion"] is None
+    model = metrics["model"]
+    assert set(model["per_class"]) == {"bird", "fox", "lizard", "rodent", "skunk"}
+    assert sum(map(sum, model["confusion_matrix"])) == model["n"] == result.test_crops
+    assert 0 <= model["top1"] <= model["top3"] <= 1
+    assert "| class | precision |" in (out / "summary.md").read_text()
+    logged = mlflow.get_run(trained[1].mlflow_run_id).data.metrics
+    assert logged["test_macro_f1"] == pytest.approx(result.macro_f1)
+
+
+def test_register_champion_then_challenger(trained, evaluated, stage_outputs, tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    first = register.run(
+        register.RegisterConfig(
+            model=trained[0],
+            evaluation=evaluated[0],
+            export=stage_outputs["export"],
+            out=tmp_path / "r1",
+            name="tests-model",
+            kfp_run_id="run-1",
+        )
+    )
+    assert first.promoted and first.aliases == ["challenger", "champion"]
+    version = client.get_model_version("tests-model", first.version)
+    assert version.tags["kfp_run_id"] == "run-1"
+    assert json.loads(version.tags["label_index"]) == read_json(trained[0] / "label_index.json")
+    assert json.loads(version.tags["preprocessing"])["image_size"] == 32
+    assert version.tags["export_fingerprint"] == read_json(stage_outputs["export"] / "report.json")["fingerprint"]
+
+    # a second model, scored against the champion on the same test set, that does not beat it
+    worse = tmp_path / "worse"
+    shutil.copytree(evaluated[0], worse)
+    metrics = read_json(worse / evaluate.METRICS_FILE)
+    metrics["champion"] = {"version": first.version, "macro_f1": metrics["model"]["macro_f1"]}
+    metrics["model"]["macro_f1"] -= 0.1
+    (worse / evaluate.METRICS_FILE).write_text(json.dumps(metrics))
+    second = register.run(
+        register.RegisterConfig(
+            model=trained[0], evaluation=worse, export=stage_outputs["export"], out=tmp_path / "r2", name="tests-model"
+        )
+    )
+    assert not second.promoted and "does not beat" in second.reason
+    assert client.get_model_version_by_alias("tests-model", "champion").version == first.version
+    assert client.get_model_version_by_alias("tests-model", "challenger").version == second.version
+
+
+def test_incomplete_evaluation_never_registers(trained, evaluated, stage_outputs, tmp_path):
+    import mlflow
+
+    broken = tmp_path / "broken"
+    shutil.copytree(evaluated[0], broken)
+    metrics = read_json(broken / evaluate.METRICS_FILE)
+    metrics["model"]["macro_f1"] = float("nan")
+    (broken / evaluate.METRICS_FILE).write_text(json.dumps(metrics))
+    before = len(mlflow.MlflowClient().search_model_versions("name='tests-model'"))
+    with pytest.raises(PipelineError, match="did not complete"):
+        register.run(
+            register.RegisterConfig(
+                model=trained[0],
+                evaluation=broken,
+                export=stage_outputs["export"],
+                out=tmp_path / "r",
+                name="tests-model",
+            )
+        )
+    assert len(mlflow.MlflowClient().search_model_versions("name='tests-model'")) == before
+
+
+def test_champion_evaluated_against_the_same_test_set(trained, stage_outputs, tmp_path):
+    """Once a champion exists, evaluate scores it on this run's test crops too."""
+    result = evaluate.run(
+        evaluate.EvaluateConfig(
+            model=trained[0],
+            crops=stage_outputs["crops"],
+            split=stage_outputs["split"],
+            out=tmp_path,
+            registered_name="tests-model",
+        )
+    )
+    assert result.champion is not None
+    assert result.champion["macro_f1"] == pytest.approx(result.macro_f1, abs=0.02)  # the same weights
+
+
+def test_decide():
+    ev = {"model": {"macro_f1": 0.8}, "test_fingerprint": "t1", "champion": {"version": "3", "macro_f1": 0.7}}
+    champ = SimpleNamespace(version="3", tags={})
+    assert register.decide(ev, None) == (True, "no champion yet")
+    assert register.decide(ev, champ)[0]
+    assert not register.decide({**ev, "champion": {"version": "3", "macro_f1": 0.8}}, champ)[0]
+    moved = SimpleNamespace(version="4", tags={"test_fingerprint": "t1", "test_macro_f1": "0.9"})
+    assert not register.decide(ev, moved)[0]
+    elsewhere = SimpleNamespace(version="4", tags={"test_fingerprint": "other", "test_macro_f1": "0.1"})
+    assert "not scored on this test set" in register.decide(ev, elsewhere)[1]
+
+
+def test_weights_from_a_file_and_bad_weights(tmp_path):
+    import torch
+
+    donor = build_model("resnet18", 1000)
+    torch.save(donor.state_dict(), tmp_path / "imagenet.pt")
+    model = build_model("resnet18", 5, str(tmp_path / "imagenet.pt"))
+    assert torch.equal(model.conv1.weight, donor.conv1.weight) and model.fc.out_features == 5
+    with pytest.raises(PipelineError, match="do not fit"):
+        build_model("efficientnet_b0", 5, str(tmp_path / "imagenet.pt"))
+    with pytest.raises(PipelineError, match="unknown architecture"):
+        build_model("vgg99", 5)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(PipelineError, match="cannot read weights"):
+        build_model("resnet18", 5, str(tmp_path / "junk.pt"))
