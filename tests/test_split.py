@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from bench.stages.split import plain_search
 
 from animl_retrain import tables
 from animl_retrain.common import PipelineError, read_json
@@ -33,24 +34,6 @@ def random_rows(n_locations=40, n_classes=6, seed=1):
         for c in rng.choice(n_classes, size=rng.integers(2, n_classes + 1), replace=False):
             rows += [(f"class{c}", f"loc{loc}")] * int(rng.integers(1, 30))
     return rows
-
-
-def plain_search(counts, cfg):
-    """The same search written plainly: one trial at a time, scored with pandas (the reference)."""
-    rng = np.random.default_rng(cfg.seed)
-    frame = pd.DataFrame(counts)
-    best, best_score = None, np.inf
-    for start in range(0, cfg.trials, split.BATCH):
-        u_batch = rng.random((min(split.BATCH, cfg.trials - start), counts.shape[0]))
-        for u in u_batch:
-            assign = np.where(u < cfg.test_frac, 2, np.where(u < cfg.test_frac + cfg.val_frac, 1, 0))
-            per_split = frame.groupby(assign).sum().reindex([0, 1, 2], fill_value=0)
-            share = per_split / frame.sum()
-            score = abs(share.loc[1] - cfg.val_frac).sum() + abs(share.loc[2] - cfg.test_frac).sum()
-            score += split.MISSING_PENALTY * int((per_split == 0).to_numpy().sum())
-            if score < best_score - 1e-12:
-                best, best_score = assign, score
-    return best, best_score
 
 
 def test_vectorised_search_equals_the_plain_loop(tmp_path):

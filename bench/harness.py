@@ -1,0 +1,158 @@
+"""What every benchmark shares: timing, the machine's description, result rows and where they are written.
+
+A bench stage is a module in ``bench/stages/`` with ``STAGE = "<name>"`` and ``run(ctx) -> list[Row]``.
+Each figure is the median of several timed runs after a warm-up, taken side by side with the alternative in the
+same process and the same minute, so that a noisy shared machine moves both and the ratio stays honest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Row:
+    """One measured figure. ``ratio`` is how many times better ours is (>1 means ours wins)."""
+
+    stage: str
+    metric: str
+    unit: str
+    ours: float | None
+    alternative: str
+    alternative_value: float | None
+    input: str
+    higher_is_better: bool = True
+    machine: dict = field(default_factory=dict)
+    ratio: float | None = None
+
+    def __post_init__(self):
+        if self.ratio is None and self.ours and self.alternative_value:
+            self.ratio = (
+                self.ours / self.alternative_value if self.higher_is_better else self.alternative_value / self.ours
+            )
+
+    def to_json(self) -> dict:
+        """The row in the results file's shape."""
+        data = asdict(self)
+        data.pop("higher_is_better")
+        for key in ("ours", "alternative_value", "ratio"):
+            if isinstance(data[key], float):
+                data[key] = round(data[key], 4)
+        return data
+
+
+def machine() -> dict:
+    """Cores, CPU model and GPU (if any) of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu or "no GPU"}
+
+
+def timed(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time in seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def timed_pair(
+    ours: Callable[[], object], theirs: Callable[[], object], repeats: int = 5, warmup: int = 1
+) -> tuple[float, float]:
+    """Median seconds of two alternatives, interleaved run by run so that load hits both alike."""
+    for _ in range(warmup):
+        ours()
+        theirs()
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, sink in ((ours, a), (theirs, b)):
+            start = time.perf_counter()
+            fn()
+            sink.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
+
+
+@dataclass
+class Context:
+    """What a bench stage gets: a scratch folder, repeat counts, optional real data, the machine."""
+
+    work: Path
+    repeats: int
+    quick: bool
+    research_data: Path | None
+    machine: dict
+
+    def row(self, **kwargs) -> Row:
+        """A Row stamped with this machine."""
+        return Row(machine=self.machine, **kwargs)
+
+    def run(self, *cmd: str, **kwargs) -> subprocess.CompletedProcess:
+        """Run a command, failing loudly with its output."""
+        proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        return proc
+
+
+def write_results(rows: list[Row], stages_run: list[str], mach: dict) -> tuple[Path, Path]:
+    """Merge ``rows`` into ``latest.json`` (replacing the stages just run) and write a dated Markdown table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    latest = RESULTS / "latest.json"
+    kept = []
+    if latest.is_file():
+        kept = [r for r in json.loads(latest.read_text()) if r["stage"] not in stages_run]
+    merged = kept + [r.to_json() for r in rows]
+    latest.write_text(json.dumps(merged, indent=2) + "\n")
+    name = f"{dt.date.today().isoformat()}-{mach['cores']}core-{'gpu' if mach['gpu'] != 'no GPU' else 'cpu'}.md"
+    table = RESULTS / name
+    table.write_text(markdown(merged, mach))
+    return latest, table
+
+
+def markdown(rows: list[dict], mach: dict) -> str:
+    """The results as a Markdown table."""
+    lines = [
+        f"# Benchmarks, {dt.date.today().isoformat()}",
+        "",
+        f"Machine: {mach['cores']} cores, {mach['cpu']}, {mach['gpu']}.",
+        "",
+        "| stage | metric | ours | alternative | theirs | ratio | input |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ours = "—" if r["ours"] is None else f"{r['ours']:.4g} {r['unit']}"
+        theirs = "—" if r["alternative_value"] is None else f"{r['alternative_value']:.4g} {r['unit']}"
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+        lines.append(
+            f"| {r['stage']} | {r['metric']} | {ours} | {r['alternative']} | {theirs} | {ratio} | {r['input']} |"
+        )
+    return "\n".join(lines) + "\n"

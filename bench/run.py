@@ -1,0 +1,55 @@
+"""``python -m bench.run [--stage NAME ...]``: run the benchmarks and write ``bench/results/``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import stages
+from bench.harness import Context, machine, markdown, write_results
+
+
+def available() -> dict[str, object]:
+    """Bench stage modules by their STAGE name, in a stable order."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(stages.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"bench.stages.{info.name}")
+        found[module.STAGE] = module
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen stages (default: all) and print the table."""
+    modules = available()
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--stage", action="append", choices=sorted(modules), help="run only this stage (repeatable)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median taken)")
+    parser.add_argument("--quick", action="store_true", help="smaller inputs, for checking the bench itself")
+    parser.add_argument("--research-data", type=Path, help="folder of real camera-trap data (never committed)")
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+
+    chosen = args.stage or list(modules)
+    mach = machine()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="animl-bench-") as tmp:
+        work = args.work or Path(tmp)
+        for name in chosen:
+            print(f"== {name}", file=sys.stderr, flush=True)
+            ctx = Context(
+                work=work / name, repeats=args.repeats, quick=args.quick, research_data=args.research_data, machine=mach
+            )
+            ctx.work.mkdir(parents=True, exist_ok=True)
+            rows += modules[name].run(ctx)
+    latest, table = write_results(rows, chosen, mach)
+    print(markdown([r.to_json() for r in rows], mach))
+    print(f"written: {latest} and {table}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
