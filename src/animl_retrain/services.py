@@ -142,17 +142,21 @@ def _wait(check, what: str, state: Path, name: str, timeout: float) -> None:
     raise PipelineError(f"{what} did not become ready in {timeout:.0f}s; see {state / 'logs' / (name + '.log')}")
 
 
-def _s3_ready(svc: Services) -> bool:
+def s3_admin_client(svc: Services):
+    """A boto3 client holding the embedded server's own credentials."""
     import boto3
 
-    client = boto3.client(
+    return boto3.session.Session().client(
         "s3",
         endpoint_url=svc.s3_endpoint,
         aws_access_key_id=svc.access_key,
         aws_secret_access_key=svc.secret_key,
         region_name="us-east-1",
     )
-    client.list_buckets()
+
+
+def _s3_ready(svc: Services) -> bool:
+    s3_admin_client(svc).list_buckets()
     return True
 
 
@@ -266,15 +270,7 @@ def _start_mlflow(svc: Services, state: Path) -> None:
 
 def ensure_buckets(svc: Services, buckets: list[str]) -> None:
     """Create the buckets that do not exist yet."""
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=svc.s3_endpoint,
-        aws_access_key_id=svc.access_key,
-        aws_secret_access_key=svc.secret_key,
-        region_name="us-east-1",
-    )
+    client = s3_admin_client(svc)
     existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     for bucket in buckets:
         if bucket not in existing:
