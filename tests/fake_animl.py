@@ -118,6 +118,7 @@ class FakeAniml:
         self.url_ttls: deque[int] = deque()  # per new task; default 3600 s
         self.running_polls = 2
         self.revoke_token_on_poll = False
+        self.unavailable = 0  # answer this many of the next POSTs with 503, as a throttled API Gateway does
         self.fail_message = "Error exporting to COCO: Error counting images: connection reset"
         self.not_reviewed = 4
         self.tasks: dict[str, Task] = {}
@@ -337,6 +338,10 @@ class FakeAniml:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with fake._lock:
+                    unavailable, fake.unavailable = fake.unavailable > 0, max(0, fake.unavailable - 1)
+                if unavailable:
+                    return self._send(503, b'{"message":"Service Unavailable"}')
                 if urllib.parse.urlsplit(self.path).path.rstrip("/") != f"/{STAGE}/external":
                     return self._send(403, b'{"message":"Missing Authentication Token"}')
                 with fake._lock:

@@ -94,6 +94,7 @@ def settings(animl, cognito, **changes):
     return animl_api.AnimlSettings(**values)
 
 
+@pytest.mark.server
 def test_cli_pulls_archives_and_records_the_export(animl, cognito, login_as, tmp_path, capsys):
     """SRP login, the web app's own query, polling to COMPLETE, download, dated archive, report — and no secrets."""
     out, archive = tmp_path / "out", tmp_path / "archive"
@@ -150,6 +151,7 @@ def test_cli_pulls_archives_and_records_the_export(animl, cognito, login_as, tmp
     assert "logged in to Cognito as 'retrain-bot@example.org' (USER_SRP_AUTH)" in captured.err
 
 
+@pytest.mark.server
 def test_user_password_auth_refresh_token_and_client_secret(animl, cognito, login_as, tmp_path):
     """The flows the app client may allow: USER_PASSWORD_AUTH, REFRESH_TOKEN_AUTH, SRP with a client secret."""
     login = animl_api.CognitoLogin(settings(animl, cognito, client_id=cognito.password_client, auth_flow="password"))
@@ -174,6 +176,7 @@ def test_user_password_auth_refresh_token_and_client_secret(animl, cognito, logi
         animl_api.CognitoLogin(settings(animl, cognito, client_id=cognito.secret_client)).id_token()
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(
     ("credentials", "flow", "message"),
     [
@@ -193,6 +196,7 @@ def test_bad_credentials_are_named(animl, cognito, login_as, tmp_path, credentia
     assert animl.calls == [] and not (tmp_path / "archive").exists()
 
 
+@pytest.mark.server
 def test_unknown_project_and_missing_role_stop_before_exporting(animl, cognito, login_as, tmp_path):
     with pytest.raises(PipelineError, match=r"project 'sci-biosecurity' is unknown to user .*other, sci_biosecurity"):
         export.run(config(animl, cognito, tmp_path, animl_project="sci-biosecurity"))
@@ -202,6 +206,7 @@ def test_unknown_project_and_missing_role_stop_before_exporting(animl, cognito, 
     assert animl.calls == []
 
 
+@pytest.mark.server
 def test_api_refusals_are_explained(animl, cognito, login_as):
     """Animl's own answers: FORBIDDEN from its role check, NOT_FOUND tasks, schema validation, wrong path."""
     login_as(ANIML_USERNAME="stranger@example.org", ANIML_PASSWORD=PASSWORD)
@@ -224,6 +229,7 @@ def test_api_refusals_are_explained(animl, cognito, login_as):
         wrong_path.start_export()
 
 
+@pytest.mark.server
 def test_tokens_animl_would_not_accept(animl, cognito, login_as, tmp_path):
     """API Gateway takes only ID tokens of Animl's app clients: an access token or another client's token is 401."""
     import urllib.error
@@ -251,18 +257,21 @@ def test_tokens_animl_would_not_accept(animl, cognito, login_as, tmp_path):
         export.run(config(animl, cognito, tmp_path, animl_client_id=cognito.foreign_client))
 
 
+@pytest.mark.server
 def test_superuser_on_a_project_animl_cannot_export_gets_animls_message(animl, cognito, login_as, tmp_path):
     login_as(ANIML_USERNAME="admin@example.org", ANIML_PASSWORD=PASSWORD)
     with pytest.raises(PipelineError, match=r"failed: Error initializing the export class.*INTERNAL_SERVER_ERROR"):
         export.run(config(animl, cognito, tmp_path, animl_project="no_such_project"))
 
 
+@pytest.mark.server
 def test_failed_task_reports_animls_message(animl, cognito, login_as, tmp_path):
     animl.outcomes.append("fail")
     with pytest.raises(PipelineError, match=r"export task \w+ failed: Error exporting to COCO: .*connection reset"):
         export.run(config(animl, cognito, tmp_path))
 
 
+@pytest.mark.server
 def test_task_stuck_in_running_hits_the_deadline(animl, cognito, login_as, tmp_path):
     animl.outcomes.append("hang")
     with pytest.raises(PipelineError, match=r"still RUNNING after \d+ s \(deadline 1 s\).*15 min"):
@@ -271,6 +280,7 @@ def test_task_stuck_in_running_hits_the_deadline(animl, cognito, login_as, tmp_p
     assert task.status == "RUNNING" and 3 <= task.polls <= 12
 
 
+@pytest.mark.server
 def test_expired_url_is_exported_once_more(animl, cognito, login_as, tmp_path):
     animl.url_ttls.extend([0, 3600])
     result = export.run(config(animl, cognito, tmp_path))
@@ -279,6 +289,7 @@ def test_expired_url_is_exported_once_more(animl, cognito, login_as, tmp_path):
     assert result.animl_task_id == list(animl.tasks)[-1]
 
 
+@pytest.mark.server
 def test_url_expired_twice_is_an_error(animl, cognito, login_as, tmp_path):
     animl.url_ttls.extend([0, 0])
     with pytest.raises(PipelineError, match="has expired, twice"):
@@ -286,6 +297,18 @@ def test_url_expired_twice_is_an_error(animl, cognito, login_as, tmp_path):
     assert len(animl.tasks) == 2 and animl.downloads == 0
 
 
+@pytest.mark.server
+def test_unavailable_api_is_retried(animl, cognito, login_as, tmp_path, caplog):
+    animl.unavailable = 2
+    caplog.set_level("WARNING", logger="animl_retrain")
+    assert export.run(config(animl, cognito, tmp_path)).animl_task_id
+    assert caplog.text.count("HTTP 503; retrying") == 2
+    animl.unavailable = 10
+    with pytest.raises(PipelineError, match="answered 503 to ExportAnnotations"):
+        animl_api.AnimlClient(settings(animl, cognito), sleep=lambda s: None).start_export()
+
+
+@pytest.mark.server
 def test_refused_token_logs_in_again_once(animl, cognito, login_as, tmp_path, caplog):
     animl.revoke_token_on_poll = True
     caplog.set_level("INFO", logger="animl_retrain")

@@ -475,6 +475,10 @@ class AnimlClient:
                 raise PipelineError(
                     f"cannot reach Animl's API at {public_url(self.settings.api_url)} ({operation}): {e}"
                 ) from None
+        else:
+            raise PipelineError(f"Animl's API at {public_url(self.settings.api_url)} kept failing ({operation})")
+        if not isinstance(payload, dict):
+            raise PipelineError(f"Animl's API answered {operation} with {type(payload).__name__}, not a JSON object")
         errors = payload.get("errors") or []
         if errors:
             raise self._graphql_error(errors[0], operation)
