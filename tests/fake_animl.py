@@ -238,12 +238,10 @@ class FakeAniml:
 
     def _advance(self, task: Task) -> None:
         task.polls += 1
-        if task.status in ("COMPLETE", "FAIL"):
-            return
-        if task.polls == 1:
-            task.status = "RUNNING"
-            return
-        if task.outcome == "hang" or task.polls <= self.running_polls:
+        if task.status in ("COMPLETE", "FAIL") or task.polls == 1:
+            return  # first poll: still SUBMITTED, the queue has not handed it to the task Lambda yet
+        task.status = "RUNNING"
+        if task.outcome == "hang" or task.polls <= 1 + self.running_polls:
             return
         if task.outcome == "fail" or task.project not in self.exports:
             message = self.fail_message

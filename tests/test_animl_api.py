@@ -149,6 +149,7 @@ def test_cli_pulls_archives_and_records_the_export(animl, cognito, login_as, tmp
     written = captured.out + captured.err + (out / "report.json").read_text() + json.dumps(meta)
     assert PASSWORD not in written and "eyJ" not in written and "X-Amz-Signature" not in written
     assert "logged in to Cognito as 'retrain-bot@example.org' (USER_SRP_AUTH)" in captured.err
+    assert f"export task {task.id} SUBMITTED" in captured.err and f"export task {task.id} RUNNING" in captured.err
 
 
 @pytest.mark.server
