@@ -1,20 +1,38 @@
-"""KFP component: read and validate the Animl export, apply the label spec."""
+"""KFP component: read (or pull from Animl) and validate the export, apply the label spec, decide train or skip."""
 
 from animl_retrain.components.images import CPU_IMAGE
 from kfp import dsl
-from kfp.dsl import Dataset, Output
+from kfp.dsl import Dataset, Markdown, Output
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def export_op(
-    source: str, label_spec: str, export: Output[Dataset], unmapped: str = "drop", only_validated: bool = True
-):
-    """Validate an Animl COCO export and map its labels through the label spec."""
+    source: str,
+    label_spec: str,
+    export: Output[Dataset],
+    summary: Output[Markdown],
+    unmapped: str = "drop",
+    only_validated: bool = True,
+    animl_api_url: str = "",
+    animl_project: str = "",
+    animl_region: str = "us-west-2",
+    animl_user_pool_id: str = "",
+    animl_client_id: str = "",
+    animl_filters: str = "{}",
+    animl_timezone: str = "UTC",
+    archive: str = "",
+    incremental: bool = False,
+    model_name: str = "",
+) -> str:
+    """Validate an Animl COCO export and map its labels; return 'train', or 'skip' when nothing new was validated."""
+    import shutil
+    from pathlib import Path
+
     from animl_retrain.components.runtime import run_stage
 
     from animl_retrain.stages import export as stage
 
-    run_stage(
+    result = run_stage(
         stage.run,
         stage.ExportConfig,
         export,
@@ -23,4 +41,16 @@ def export_op(
         out=export.path,
         unmapped=unmapped,
         only_validated=only_validated,
+        animl_api_url=animl_api_url,
+        animl_project=animl_project,
+        animl_region=animl_region,
+        animl_user_pool_id=animl_user_pool_id,
+        animl_client_id=animl_client_id,
+        animl_filters=animl_filters,
+        animl_timezone=animl_timezone,
+        archive=archive,
+        incremental=incremental,
+        model_name=model_name,
     )
+    shutil.copyfile(Path(export.path) / "summary.md", summary.path)
+    return result.decision

@@ -43,11 +43,21 @@ def retrain_pipeline(
     balance: str = "loss",
     patience: int = 5,
     experiment: str = "animl-classifier",
+    animl_project: str = "",
+    animl_api_url: str = "",
+    animl_region: str = "us-west-2",
+    animl_user_pool_id: str = "",
+    animl_client_id: str = "",
+    animl_filters: str = "{}",
+    animl_timezone: str = "UTC",
+    export_archive: str = "",
+    incremental: bool = False,
 ):
     """Animl's classifier retraining pipeline.
 
     Args:
-        export_uri: Animl COCO export, s3://bucket/key.json (or a path on the node).
+        export_uri: Animl COCO export, s3://bucket/key.json (or a path on the node), or 'animl-api' to pull a
+            fresh export from Animl with the animl_* settings (credentials from the Secret, never parameters).
         images_uri: the bucket holding the full-size images, e.g. s3://animl-images-serving-prod.
         label_spec: label spec as inline JSON or an s3:// URI: output class -> Animl label names.
         model_name: registered model name in MLflow.
@@ -67,55 +77,79 @@ def retrain_pipeline(
         balance: class imbalance treatment: 'loss', 'sampler' or 'none'.
         patience: early-stopping patience in epochs.
         experiment: MLflow experiment name.
+        animl_project: Animl project id to export (with export_uri 'animl-api').
+        animl_api_url: Animl's GraphQL endpoint, https://<api>.execute-api.<region>.amazonaws.com/<stage>/external.
+        animl_region: AWS region of Animl's Cognito user pool.
+        animl_user_pool_id: Animl's Cognito user pool id (for SRP login).
+        animl_client_id: Animl's Cognito app client id.
+        animl_filters: Animl export filters as JSON, e.g. {"cameras": ["X81A2C3D"], "addedStart": "2024-01-01"}.
+        animl_timezone: time zone of the dates in the export.
+        export_archive: s3://bucket/prefix where every export pulled from Animl is kept under a dated key.
+        incremental: skip training when no validated annotation changed since the champion's export.
     """
     export = export_op(
-        source=export_uri, label_spec=label_spec, unmapped=unmapped_labels, only_validated=only_validated
+        source=export_uri,
+        label_spec=label_spec,
+        unmapped=unmapped_labels,
+        only_validated=only_validated,
+        animl_api_url=animl_api_url,
+        animl_project=animl_project,
+        animl_region=animl_region,
+        animl_user_pool_id=animl_user_pool_id,
+        animl_client_id=animl_client_id,
+        animl_filters=animl_filters,
+        animl_timezone=animl_timezone,
+        archive=export_archive,
+        incremental=incremental,
+        model_name=model_name,
     ).set_display_name("export")
-    images = download_op(export=export.outputs["export"], images_uri=images_uri).set_display_name("download")
-    ground_truth = cct_to_md_op(export=export.outputs["export"], images=images.outputs["images"]).set_display_name(
-        "cct-to-md"
-    )
-    crops = crop_op(
-        images=images.outputs["images"],
-        ground_truth=ground_truth.outputs["ground_truth"],
-        crop_size=image_size,
-    ).set_display_name("crop")
-    split = split_op(
-        crops=crops.outputs["crops"],
-        val_frac=val_frac,
-        test_frac=test_frac,
-        min_locs=min_locs,
-        trials=split_trials,
-        seed=seed,
-    ).set_display_name("split")
-    model = train_op(
-        crops=crops.outputs["crops"],
-        split=split.outputs["split"],
-        arch=arch,
-        weights=weights,
-        image_size=image_size,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        balance=balance,
-        patience=patience,
-        seed=seed,
-        experiment=experiment,
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-    ).set_display_name("train")
-    evaluation = evaluate_op(
-        model=model.outputs["model"],
-        crops=crops.outputs["crops"],
-        split=split.outputs["split"],
-        registered_name=model_name,
-    ).set_display_name("evaluate")
-    register_op(
-        model=model.outputs["model"],
-        evaluation=evaluation.outputs["evaluation"],
-        export=export.outputs["export"],
-        name=model_name,
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-    ).set_display_name("register")
+    # Incremental mode: the export step answers 'skip' (and says why in its summary) when nothing new was validated.
+    with dsl.If(export.outputs["Output"] == "train", name="new-validated-labels"):
+        images = download_op(export=export.outputs["export"], images_uri=images_uri).set_display_name("download")
+        ground_truth = cct_to_md_op(export=export.outputs["export"], images=images.outputs["images"]).set_display_name(
+            "cct-to-md"
+        )
+        crops = crop_op(
+            images=images.outputs["images"],
+            ground_truth=ground_truth.outputs["ground_truth"],
+            crop_size=image_size,
+        ).set_display_name("crop")
+        split = split_op(
+            crops=crops.outputs["crops"],
+            val_frac=val_frac,
+            test_frac=test_frac,
+            min_locs=min_locs,
+            trials=split_trials,
+            seed=seed,
+        ).set_display_name("split")
+        model = train_op(
+            crops=crops.outputs["crops"],
+            split=split.outputs["split"],
+            arch=arch,
+            weights=weights,
+            image_size=image_size,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            balance=balance,
+            patience=patience,
+            seed=seed,
+            experiment=experiment,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        ).set_display_name("train")
+        evaluation = evaluate_op(
+            model=model.outputs["model"],
+            crops=crops.outputs["crops"],
+            split=split.outputs["split"],
+            registered_name=model_name,
+        ).set_display_name("evaluate")
+        register_op(
+            model=model.outputs["model"],
+            evaluation=evaluation.outputs["evaluation"],
+            export=export.outputs["export"],
+            name=model_name,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        ).set_display_name("register")
 
 
 def compile_pipeline(path: Path = COMPILED) -> Path:

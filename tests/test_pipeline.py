@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -9,16 +10,26 @@ from animl_retrain.pipelines.retrain import COMPILED, compile_pipeline
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from animl_retrain import demo, services
+from animl_retrain import demo, services, storage
 from animl_retrain.local_run import format_summary, run_local
+from tests.fake_animl import Cognito, FakeAniml
 
 STAGES = ["export", "download", "cct-to-md", "crop", "split", "train", "evaluate", "register"]
+
+
+def all_tasks(spec) -> set[str]:
+    """Task names of the root DAG and of every sub-DAG (conditions, exit handlers)."""
+    names = set(spec.root.dag.tasks)
+    for component in spec.components.values():
+        names |= set(component.dag.tasks)
+    return names
 
 
 def test_compiles_to_kfp_ir(tmp_path):
     docs = list(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
     spec = json_format.ParseDict(docs[0], pipeline_spec_pb2.PipelineSpec())
-    assert set(spec.root.dag.tasks) == {f"{s}-op" for s in STAGES}
+    assert {f"{s}-op" for s in STAGES} <= all_tasks(spec)
+    assert "export-op" in spec.root.dag.tasks  # the rest runs under the incremental condition
     assert set(spec.root.input_definitions.parameters) >= {"export_uri", "images_uri", "label_spec", "model_name"}
     for name, executor in spec.deployment_spec["executors"].items():
         command = " ".join(executor["container"]["command"])
@@ -39,7 +50,7 @@ def test_committed_yaml_matches_the_code(tmp_path):
 
 @pytest.mark.server
 @pytest.mark.pipeline
-def test_whole_pipeline_locally_then_load_the_champion(servers, tmp_path):
+def test_whole_pipeline_locally_then_load_the_champion(servers, tmp_path, monkeypatch):
     from animl_retrain.storage import s3_client
 
     client = s3_client()
@@ -86,3 +97,36 @@ print(json.dumps(out.iloc[0].to_dict()))
     probs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(probs) == {"bird", "fox", "lizard", "rodent", "skunk"}
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+
+    # A scheduled run pulls the same labels from Animl itself; incremental mode sees nothing new and skips training.
+    cognito = Cognito().start()
+    try:
+        cognito.add_user("bot@example.org", "Pipeline-pass-1!", ["animl/it_project/project_member"])
+        exported = json.loads(storage.read_bytes("s3://it-exports/export.json"))
+        animl = FakeAniml(cognito.url, cognito.pool_id, [cognito.client_id], {"it_project": exported}).start()
+        try:
+            env = cognito.env(ANIML_USERNAME="bot@example.org", ANIML_PASSWORD="Pipeline-pass-1!")
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+            scheduled = {
+                **params,
+                "export_uri": "animl-api",
+                "animl_api_url": animl.api_url,
+                "animl_project": "it_project",
+                "animl_client_id": cognito.client_id,
+                "animl_user_pool_id": cognito.pool_id,
+                "export_archive": "s3://it-exports/archive",
+                "incremental": True,
+            }
+            second = run_local(scheduled, tmp_path / "root")
+        finally:
+            animl.stop()
+    finally:
+        cognito.stop()
+    assert list(second["stages"]) == ["export"]
+    report = second["stages"]["export"]
+    assert report["decision"] == "skip" and "since the export behind champion v1" in report["decision_reason"]
+    assert report["archive_uri"].startswith("s3://it-exports/archive/it_project/")
+    artifact = Path(second["run_dir"]) / "export-op" / "export" / "export.json"
+    assert storage.read_bytes(report["archive_uri"]) == artifact.read_bytes()
+    assert "Training skipped: no new validated annotations" in format_summary(second)

@@ -4,9 +4,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from animl_retrain import tracking
 from animl_retrain.common import PipelineError, read_json
 from animl_retrain.models import build_model, load_checkpoint
-from animl_retrain.stages import evaluate, register, train
+from animl_retrain.stages import evaluate, export, register, train
+from tests.conftest import SPEC
 
 pytestmark = pytest.mark.server
 TINY = {"arch": "mobilenet_v3_small", "image_size": 32, "epochs": 2, "batch_size": 16, "workers": 0}
@@ -88,7 +90,12 @@ def test_register_champion_then_challenger(trained, evaluated, stage_outputs, tm
     assert version.tags["kfp_run_id"] == "run-1"
     assert json.loads(version.tags["label_index"]) == read_json(trained[0] / "label_index.json")
     assert json.loads(version.tags["preprocessing"])["image_size"] == 32
-    assert version.tags["export_fingerprint"] == read_json(stage_outputs["export"] / "report.json")["fingerprint"]
+    export_report = read_json(stage_outputs["export"] / "report.json")
+    assert version.tags["export_fingerprint"] == export_report["fingerprint"]
+    assert version.tags["validated_fingerprint"] == export_report["validated_fingerprint"]
+    assert version.tags["validated_annotations"] == str(export_report["validated_annotations"])
+    assert tracking.champion("tests-model") == {"version": first.version, "tags": version.tags}
+    assert tracking.champion("tests-model", alias="nobody") is None and tracking.champion("no-such-model") is None
 
     # a second model, scored against the champion on the same test set, that does not beat it
     worse = tmp_path / "worse"
@@ -105,6 +112,42 @@ def test_register_champion_then_challenger(trained, evaluated, stage_outputs, tm
     assert not second.promoted and "does not beat" in second.reason
     assert client.get_model_version_by_alias("tests-model", "champion").version == first.version
     assert client.get_model_version_by_alias("tests-model", "challenger").version == second.version
+
+
+def test_incremental_export_skips_until_new_labels_are_validated(trained, evaluated, small_demo, tmp_path):
+    """Incremental mode: 'train' without a champion, 'skip' on the champion's labels, 'train' once one changes."""
+
+    def run_export(source, name):
+        cfg = export.ExportConfig(
+            source=source, label_spec=SPEC, out=tmp_path / name, incremental=True, model_name="incremental-model"
+        )
+        return export.run(cfg)
+
+    first = run_export(small_demo.export_uri, "first")
+    assert first.decision == "train" and "has no champion yet" in first.decision_reason
+    registered = register.run(
+        register.RegisterConfig(
+            model=trained[0],
+            evaluation=evaluated[0],
+            export=tmp_path / "first",
+            out=tmp_path / "r",
+            name="incremental-model",
+        )
+    )
+    assert registered.promoted
+
+    again = run_export(small_demo.export_uri, "again")
+    assert again.decision == "skip" and f"champion v{registered.version}" in again.decision_reason
+    assert "training skipped" in (tmp_path / "again" / "summary.md").read_text()
+    assert read_json(tmp_path / "again" / "report.json")["decision"] == "skip"
+
+    data = json.loads((tmp_path / "again" / "export.json").read_bytes())
+    unvalidated = next(a for a in data["annotations"] if a.get("validated") is False)
+    unvalidated["validated"] = True  # someone reviewed one more object
+    (tmp_path / "newer.json").write_text(json.dumps(data))
+    newer = run_export(str(tmp_path / "newer.json"), "newer")
+    assert newer.decision == "train"
+    assert f"{again.validated_annotations} then, {again.validated_annotations + 1} now" in newer.decision_reason
 
 
 def test_incomplete_evaluation_never_registers(trained, evaluated, stage_outputs, tmp_path):

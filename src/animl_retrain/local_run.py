@@ -114,6 +114,9 @@ def format_summary(summary: dict[str, Any], mlflow_ui: str | None = None) -> str
         lines.append(
             f"{name:<10} {rep.get('seconds', 0):>8.1f}  {counts}" + (f"  [{problems} reported]" if problems else "")
         )
+    export = summary["stages"].get("export", {})
+    if export.get("decision") == "skip":
+        lines += ["", f"Training skipped: {export.get('decision_reason', '')}"]
     ev = summary["stages"].get("evaluate", {})
     if ev:
         lines += [

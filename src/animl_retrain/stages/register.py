@@ -1,9 +1,10 @@
 """Stage 8, register: put the model in the MLflow registry and decide whether it becomes the champion.
 
 The model is logged as a pyfunc (see :mod:`animl_retrain.mlflow_model`) into the training run and registered
-under ``name`` with tags (KFP run id, export fingerprint, label index, preprocessing, test-set fingerprint,
-test macro-F1). It always gets the ``challenger`` alias; ``champion`` moves to it only when there is no champion
-or it beats the champion's macro-F1 on the same test set. An evaluation that did not complete never moves it.
+under ``name`` with tags (KFP run id, export fingerprint, validated-annotation fingerprint and count, where the
+export is archived, label index, preprocessing, test-set fingerprint, test macro-F1). It always gets the
+``challenger`` alias; ``champion`` moves to it only when there is no champion or it beats the champion's macro-F1
+on the same test set. An evaluation that did not complete never moves it.
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def run(cfg: RegisterConfig) -> RegisterResult:
         "kfp_run_id": cfg.kfp_run_id,
         "mlflow_run_id": run_id,
         "export_fingerprint": export_report.get("fingerprint", ""),
+        "validated_fingerprint": export_report.get("validated_fingerprint", ""),
+        "validated_annotations": str(export_report.get("validated_annotations", "")),
+        "export_archive": export_report.get("archive_uri", ""),
         "test_fingerprint": evaluation["test_fingerprint"],
         "test_macro_f1": f"{macro_f1:.6f}",
         "test_top1": f"{evaluation['model']['top1']:.6f}",
