@@ -71,7 +71,7 @@ def retrain_pipeline(
         balance: class imbalance treatment: 'loss', 'sampler' or 'none'.
         patience: early-stopping patience in epochs.
         experiment: MLflow experiment name.
-        train_gpus: GPUs for the training task on the cluster (ignored by local runs).
+        train_gpus: GPUs for the training task on the cluster; 0 trains on the CPU (of a GPU node).
     """
     status = stage("status", record_status_op(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment))
     with dsl.ExitHandler(status, name="retrain"):
@@ -118,6 +118,7 @@ def retrain_pipeline(
                 seed=seed,
                 experiment=experiment,
                 kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                gpus=train_gpus,
             ),
             gpus=train_gpus,
         )

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -239,3 +240,16 @@ def test_a_failed_run_still_records_its_status_locally(small_demo, tmp_path, mon
     assert status["kfp_run_id"]
     assert status["mlflow"] == "not recorded: MLFLOW_TRACKING_URI is not set"
     assert not list(tmp_path.rglob("train-op/model/*"))
+
+
+def test_every_dag_declares_the_inputs_its_tasks_read(spec):
+    """A parameter used inside the exit handler's DAG must be passed into it (kfp drops one used only in resources)."""
+    for name, component in [("root", spec.root), *spec.components.items()]:
+        declared = set(component.input_definitions.parameters)
+        for task_name, task in component.dag.tasks.items():
+            for param, value in task.inputs.parameters.items():
+                if value.HasField("component_input_parameter"):
+                    assert value.component_input_parameter in declared, (name, task_name, param)
+            for expr in [v.runtime_value.constant.string_value for v in task.inputs.parameters.values()]:
+                for ref in re.findall(r"inputs\.parameters\['([^']+)'\]", expr):
+                    assert ref in task.inputs.parameters, (name, task_name, ref)
