@@ -154,3 +154,18 @@ def test_make_images_without_docker_says_so(tmp_path):
         ["make", "-s", "images", f"DOCKER={tmp_path / 'no-docker'}"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode != 0 and "make images needs" in proc.stdout + proc.stderr
+
+
+def test_the_light_stages_need_nothing_the_cpu_image_lacks():
+    """The CPU image has no torch, torchvision or MLflow: its stages and components must import without them."""
+    code = """
+import sys
+for name in ("torch", "torchvision", "mlflow", "cv2", "megadetector"):
+    sys.modules[name] = None  # any import of them now fails
+from animl_retrain.components import cct_to_md, crop, download, export, split
+from animl_retrain.stages import cct_to_md, crop, download, export, split
+from animl_retrain import cli
+cli.build_parser()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
