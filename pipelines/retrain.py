@@ -73,6 +73,7 @@ def retrain_pipeline(
         experiment: MLflow experiment name.
         train_gpus: GPUs for the training task on the cluster; 0 trains on the CPU (of a GPU node).
     """
+    # The exit handler runs after every step in the block, whether they succeeded or not (locally too).
     status = stage("status", record_status_op(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment))
     with dsl.ExitHandler(status, name="retrain"):
         export = stage(
