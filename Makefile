@@ -8,7 +8,15 @@ STAMP := $(VENV)/.installed
 export ANIML_STATE_DIR ?= $(CURDIR)/.state
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run stop clean test test-fast lint format compile lock
+.PHONY: help venv run stop clean test test-fast lint format compile lock images
+
+# Container images (docker/): $(IMAGE_REGISTRY)/animl-retrain-{cpu,ml,mlflow}:$(IMAGE_TAG). Export the same two
+# variables when you run `animl-retrain submit/schedule`, so the pipeline names the images you pushed.
+IMAGE_REGISTRY ?= ghcr.io/animl-retrain
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGES := cpu ml mlflow
+DOCKER ?= docker
+DOCKER_PLATFORM ?= linux/amd64
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -16,7 +24,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml requirements/constraints.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[ml,local,test,dev]'
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[ml,local,test,dev,mlflow-server]'
 	$(BIN)/pip install --quiet --no-deps -r requirements/no-deps.txt
 	touch $@
 
@@ -39,9 +47,10 @@ test: lint ## lint, then every test that needs no GPU and is not marked slow
 test-fast: $(STAMP) ## unit tests only: no servers, no pipeline run
 	$(BIN)/pytest -m "not server and not pipeline and not slow and not gpu"
 
-lint: $(STAMP) ## ruff lint and format check
+lint: $(STAMP) ## ruff lint and format check, hadolint on every Dockerfile
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint docker/*.Dockerfile
 
 format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
@@ -49,6 +58,14 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 
 compile: $(STAMP) ## compile the pipeline to pipelines/retrain.yaml
 	$(CLI) compile
+
+images: ## build and push the images: make images IMAGE_REGISTRY=registry.example/animl IMAGE_TAG=1.0
+	@command -v $(DOCKER) >/dev/null || { echo "make images needs $(DOCKER) (with BuildKit)"; exit 1; }
+	set -e; for name in $(IMAGES); do \
+		DOCKER_BUILDKIT=1 $(DOCKER) build --platform $(DOCKER_PLATFORM) -f docker/$$name.Dockerfile \
+			-t $(IMAGE_REGISTRY)/animl-retrain-$$name:$(IMAGE_TAG) . ; \
+		$(DOCKER) push $(IMAGE_REGISTRY)/animl-retrain-$$name:$(IMAGE_TAG) ; \
+	done
 
 lock: $(STAMP) ## rewrite requirements/constraints.txt from the current virtualenv
 	head -n 2 requirements/constraints.txt > requirements/constraints.txt.new

@@ -5,8 +5,10 @@ evaluation and registration need torch and run on the CUDA image (which also run
 """
 
 import os
+from importlib.metadata import version
 
+# The same defaults as `make images` (Makefile): the tag is the package version.
 REGISTRY = os.environ.get("IMAGE_REGISTRY", "ghcr.io/animl-retrain")
-TAG = os.environ.get("IMAGE_TAG", "0.1.0")
+TAG = os.environ.get("IMAGE_TAG") or version("animl-retrain")
 CPU_IMAGE = f"{REGISTRY}/animl-retrain-cpu:{TAG}"
 ML_IMAGE = f"{REGISTRY}/animl-retrain-ml:{TAG}"

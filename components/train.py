@@ -21,8 +21,14 @@ def train_op(
     seed: int = 0,
     experiment: str = "animl-classifier",
     kfp_run_id: str = "",
+    gpus: int = 1,
 ):
-    """Fine-tune a torchvision classifier on the train split; the best val epoch is kept."""
+    """Fine-tune a torchvision classifier on the train split; the best val epoch is kept.
+
+    ``gpus`` is the GPU count the pipeline requests for this task (pipelines/k8s.py): 0 trains on the CPU, any
+    other count lets the stage pick the GPU when there is one. It is an input here, not only a resource setting,
+    also because kfp 2.17 passes a parameter into the exit handler's sub-DAG only when a task there consumes it.
+    """
     from animl_retrain.components.runtime import run_stage
 
     from animl_retrain.stages import train as stage
@@ -45,4 +51,5 @@ def train_op(
         seed=seed,
         experiment=experiment,
         kfp_run_id=kfp_run_id,
+        device="cpu" if gpus == 0 else "auto",
     )

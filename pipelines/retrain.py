@@ -1,8 +1,9 @@
 """Animl export -> images -> ground-truth boxes -> crops -> location split -> training -> evaluation -> registry.
 
-Read top to bottom: each line is one stage, fed by the artifacts of the stages before it. Every parameter
-shows in the Kubeflow UI; secrets (S3 and MLflow credentials) never do: the components read them from the
-environment.
+Read top to bottom: each ``stage(...)`` is one step, fed by the artifacts of the steps before it; ``stage``
+(pipelines/k8s.py) gives it its resources, GPUs, secrets, retries and caching on Kubernetes. The exit handler
+records the run's final state even when a step fails. Every parameter shows in the Kubeflow UI; secrets (S3 and
+MLflow credentials) never do: Kubernetes Secrets put them in the environment.
 """
 
 from pathlib import Path
@@ -14,7 +15,9 @@ from animl_retrain.components.evaluate import evaluate_op
 from animl_retrain.components.export import export_op
 from animl_retrain.components.register import register_op
 from animl_retrain.components.split import split_op
+from animl_retrain.components.status import record_status_op
 from animl_retrain.components.train import train_op
+from animl_retrain.pipelines.k8s import stage
 from kfp import compiler, dsl
 
 PIPELINE_NAME = "animl-classifier-retraining"
@@ -43,6 +46,7 @@ def retrain_pipeline(
     balance: str = "loss",
     patience: int = 5,
     experiment: str = "animl-classifier",
+    train_gpus: int = 1,
     animl_project: str = "",
     animl_api_url: str = "",
     animl_region: str = "us-west-2",
@@ -77,6 +81,7 @@ def retrain_pipeline(
         balance: class imbalance treatment: 'loss', 'sampler' or 'none'.
         patience: early-stopping patience in epochs.
         experiment: MLflow experiment name.
+        train_gpus: GPUs for the training task on the cluster; 0 trains on the CPU (of a GPU node).
         animl_project: Animl project id to export (with export_uri 'animl-api').
         animl_api_url: Animl's GraphQL endpoint, https://<api>.execute-api.<region>.amazonaws.com/<stage>/external.
         animl_region: AWS region of Animl's Cognito user pool.
@@ -87,69 +92,92 @@ def retrain_pipeline(
         export_archive: s3://bucket/prefix where every export pulled from Animl is kept under a dated key.
         incremental: skip training when no validated annotation changed since the champion's export.
     """
-    export = export_op(
-        source=export_uri,
-        label_spec=label_spec,
-        unmapped=unmapped_labels,
-        only_validated=only_validated,
-        animl_api_url=animl_api_url,
-        animl_project=animl_project,
-        animl_region=animl_region,
-        animl_user_pool_id=animl_user_pool_id,
-        animl_client_id=animl_client_id,
-        animl_filters=animl_filters,
-        animl_timezone=animl_timezone,
-        archive=export_archive,
-        incremental=incremental,
-        model_name=model_name,
-    ).set_display_name("export")
-    # Incremental mode: the export step answers 'skip' (and says why in its summary) when nothing new was validated.
-    with dsl.If(export.outputs["Output"] == "train", name="new-validated-labels"):
-        images = download_op(export=export.outputs["export"], images_uri=images_uri).set_display_name("download")
-        ground_truth = cct_to_md_op(export=export.outputs["export"], images=images.outputs["images"]).set_display_name(
-            "cct-to-md"
+    # The exit handler runs after every step in the block, whether they succeeded or not (locally too).
+    status = stage("status", record_status_op(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment))
+    with dsl.ExitHandler(status, name="retrain"):
+        export = stage(
+            "export",
+            export_op(
+                source=export_uri,
+                label_spec=label_spec,
+                unmapped=unmapped_labels,
+                only_validated=only_validated,
+                animl_api_url=animl_api_url,
+                animl_project=animl_project,
+                animl_region=animl_region,
+                animl_user_pool_id=animl_user_pool_id,
+                animl_client_id=animl_client_id,
+                animl_filters=animl_filters,
+                animl_timezone=animl_timezone,
+                archive=export_archive,
+                incremental=incremental,
+                model_name=model_name,
+            ),
         )
-        crops = crop_op(
-            images=images.outputs["images"],
-            ground_truth=ground_truth.outputs["ground_truth"],
-            crop_size=image_size,
-        ).set_display_name("crop")
-        split = split_op(
-            crops=crops.outputs["crops"],
-            val_frac=val_frac,
-            test_frac=test_frac,
-            min_locs=min_locs,
-            trials=split_trials,
-            seed=seed,
-        ).set_display_name("split")
-        model = train_op(
-            crops=crops.outputs["crops"],
-            split=split.outputs["split"],
-            arch=arch,
-            weights=weights,
-            image_size=image_size,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            balance=balance,
-            patience=patience,
-            seed=seed,
-            experiment=experiment,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        ).set_display_name("train")
-        evaluation = evaluate_op(
-            model=model.outputs["model"],
-            crops=crops.outputs["crops"],
-            split=split.outputs["split"],
-            registered_name=model_name,
-        ).set_display_name("evaluate")
-        register_op(
-            model=model.outputs["model"],
-            evaluation=evaluation.outputs["evaluation"],
-            export=export.outputs["export"],
-            name=model_name,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        ).set_display_name("register")
+        # Incremental mode: export answers 'skip' (and says why in its summary) when nothing new was validated.
+        with dsl.If(export.outputs["Output"] == "train", name="new-validated-labels"):
+            images = stage("download", download_op(export=export.outputs["export"], images_uri=images_uri))
+            ground_truth = stage(
+                "cct-to-md", cct_to_md_op(export=export.outputs["export"], images=images.outputs["images"])
+            )
+            crops = stage(
+                "crop",
+                crop_op(
+                    images=images.outputs["images"],
+                    ground_truth=ground_truth.outputs["ground_truth"],
+                    crop_size=image_size,
+                ),
+            )
+            split = stage(
+                "split",
+                split_op(
+                    crops=crops.outputs["crops"],
+                    val_frac=val_frac,
+                    test_frac=test_frac,
+                    min_locs=min_locs,
+                    trials=split_trials,
+                    seed=seed,
+                ),
+            )
+            model = stage(
+                "train",
+                train_op(
+                    crops=crops.outputs["crops"],
+                    split=split.outputs["split"],
+                    arch=arch,
+                    weights=weights,
+                    image_size=image_size,
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    lr=lr,
+                    balance=balance,
+                    patience=patience,
+                    seed=seed,
+                    experiment=experiment,
+                    kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                    gpus=train_gpus,
+                ),
+                gpus=train_gpus,
+            )
+            evaluation = stage(
+                "evaluate",
+                evaluate_op(
+                    model=model.outputs["model"],
+                    crops=crops.outputs["crops"],
+                    split=split.outputs["split"],
+                    registered_name=model_name,
+                ),
+            )
+            stage(
+                "register",
+                register_op(
+                    model=model.outputs["model"],
+                    evaluation=evaluation.outputs["evaluation"],
+                    export=export.outputs["export"],
+                    name=model_name,
+                    kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                ),
+            )
 
 
 def compile_pipeline(path: Path = COMPILED) -> Path:

@@ -12,7 +12,7 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "animl_retrain.cli", *args], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("command", ["run", "compile", "services", "demo", *STAGES])
+@pytest.mark.parametrize("command", ["run", "compile", "submit", "schedule", "runs", "services", "demo", *STAGES])
 def test_every_subcommand_has_help(command):
     proc = cli(command, "--help")
     assert proc.returncode == 0 and "usage: animl-retrain" in proc.stdout

@@ -130,6 +130,61 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kubeflow(args: argparse.Namespace) -> int:
+    """Submit a run, schedule runs, or list runs on a Kubeflow Pipelines cluster."""
+    from animl_retrain import kubeflow
+    from animl_retrain.local_run import load_params
+
+    conn = kubeflow.Connection(host=args.host, namespace=args.namespace, ui_url=args.ui_url)
+    if args.command == "runs":
+        runs = kubeflow.list_runs(conn, args.experiment or None, args.limit)
+        sys.stdout.write(kubeflow.as_json(runs) + "\n" if args.json else kubeflow.format_runs(runs))
+        return 0
+    params = load_params(args.params, args.set)
+    if args.command == "submit":
+        result = kubeflow.submit(conn, params, args.experiment, args.run_name, args.service_account)
+        print(kubeflow.as_json(result) if args.json else f"run {result['run_id']}: {result['url']}")
+    else:
+        result = kubeflow.schedule(conn, params, args.cron, args.name, args.experiment, args.service_account)
+        print(
+            kubeflow.as_json(result)
+            if args.json
+            else f"recurring run {result['recurring_run_id']} ({result['cron']}): {result['url']}"
+        )
+    return 0
+
+
+def _add_kubeflow_arguments(p: argparse.ArgumentParser, params: bool = True) -> None:
+    import os
+
+    from animl_retrain import kubeflow
+
+    p.add_argument(
+        "--host",
+        default=os.environ.get("KF_PIPELINES_ENDPOINT", ""),
+        help="Kubeflow Pipelines API URL, e.g. http://localhost:8080 (default: $KF_PIPELINES_ENDPOINT); "
+        "a bearer token, if needed, comes from $KFP_TOKEN",
+    )
+    p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user clusters)")
+    p.add_argument("--ui-url", help="Kubeflow Pipelines UI URL for the printed links (default: --host)")
+    p.add_argument(
+        "--experiment",
+        default=kubeflow.DEFAULT_EXPERIMENT,
+        help=f"KFP experiment (default: {kubeflow.DEFAULT_EXPERIMENT})",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    if params:
+        p.add_argument("--params", type=Path, help="YAML file of pipeline parameters (see examples/demo.yaml)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
+        p.add_argument(
+            "--service-account",
+            default=kubeflow.DEFAULT_SERVICE_ACCOUNT,
+            help=f"service account of the run's pods (default: {kubeflow.DEFAULT_SERVICE_ACCOUNT}, from manifests/; "
+            "'' for Kubeflow's default)",
+        )
+    p.set_defaults(func=cmd_kubeflow)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -159,6 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile the pipeline to Kubeflow IR YAML")
     p.add_argument("--output", type=Path, help="output file (default: pipelines/retrain.yaml)")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("submit", help="upload the pipeline to Kubeflow as a new version and start a run")
+    _add_kubeflow_arguments(p)
+    p.add_argument("--run-name", default="", help="run name in the Kubeflow UI (default: 'retrain DATE TIME')")
+
+    p = sub.add_parser("schedule", help="upload the pipeline to Kubeflow and run it on a cron schedule")
+    _add_kubeflow_arguments(p)
+    p.add_argument(
+        "--cron",
+        default="0 0 3 * * 0",
+        help="Kubeflow cron, 6 fields, seconds first (default: '0 0 3 * * 0', Sundays 03:00); "
+        "missed runs are not caught up, one run at a time",
+    )
+    p.add_argument("--name", default="animl-retrain weekly", help="name of the recurring run")
+
+    p = sub.add_parser("runs", help="list recent Kubeflow runs of this pipeline's experiment, with their state")
+    _add_kubeflow_arguments(p, params=False)
+    p.add_argument("--limit", type=int, default=10, help="how many runs (default: 10)")
 
     p = sub.add_parser("services", help="start, stop or inspect the embedded SeaweedFS and MLflow servers")
     p.add_argument(

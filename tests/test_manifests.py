@@ -1,0 +1,270 @@
+"""The Kubernetes manifests: every overlay renders with kustomize and validates strictly, offline.
+
+Beyond the schema: the objects the compiled pipeline names exist with the keys it reads, nothing carries a
+credential, and MLflow's ``--allowed-hosts`` really admits the Service's names (checked on a real MLflow server).
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from animl_retrain.pipelines import k8s
+
+from animl_retrain import kubeflow
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT / "manifests"
+OVERLAYS = sorted(p.name for p in (MANIFESTS / "overlays").iterdir() if p.is_dir())
+K8S_VERSION = "1.32.0"  # the kubectl this project is checked with
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("kubectl is needed to render the manifests (kubectl kustomize)")
+        pytest.skip("kubectl not installed: the manifests cannot be rendered here")
+    return path
+
+
+def render(overlay: str) -> list[dict]:
+    proc = subprocess.run(
+        [kubectl(), "kustomize", str(MANIFESTS / "overlays" / overlay)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def config_map(docs: list[dict], name: str) -> dict:
+    [found] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].split("-")[0] == name]
+    return found
+
+
+def test_there_are_a_generic_and_an_aws_overlay():
+    assert OVERLAYS == ["aws", "generic"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates_strictly(overlay):
+    docs = render(overlay)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert {d["metadata"].get("namespace") for d in docs} == {"kubeflow"}
+
+
+def test_strict_validation_rejects_an_unknown_field():
+    [deployment] = by_kind(render("generic"), "Deployment").values()
+    deployment["spec"]["template"]["spec"]["containers"][0]["resource"] = {}  # typo of "resources"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workloads_are_non_root_with_resources_and_probes(overlay):
+    docs = render(overlay)
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    assert "mlflow" in {w["metadata"]["name"] for w in workloads}
+    for workload in workloads:
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod["containers"]:
+            assert set(container["resources"]) == {"requests", "limits"}, container["name"]
+            assert container["resources"]["limits"]["memory"], container["name"]
+            assert container.get("readinessProbe") and container.get("livenessProbe"), container["name"]
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secret_is_rendered_and_no_credential_is_written(overlay):
+    docs = render(overlay)
+    assert not [d for d in docs if d["kind"] == "Secret"], "Secrets are created by hand (manifests/secrets/)"
+    text = yaml.safe_dump_all(docs)
+    for word in ("AKIA", "password=", "PASSWORD=", "secretkey:"):
+        assert word not in text
+    for container in by_kind(docs, "Deployment")["mlflow"]["spec"]["template"]["spec"]["containers"]:
+        for env in container["env"]:
+            if any(w in env["name"] for w in ("PASSWORD", "SECRET", "ACCESS_KEY")):
+                assert "secretKeyRef" in env.get("valueFrom", {}), env
+
+
+def test_secret_templates_hold_no_values():
+    templates = {}
+    for path in sorted((MANIFESTS / "secrets").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        templates[doc["metadata"]["name"]] = doc["stringData"]
+    for data in templates.values():
+        for key, value in data.items():
+            if any(w in key for w in ("PASSWORD", "SECRET", "ACCESS_KEY")):
+                assert value == "", key
+    # The keys are the ones the pipeline reads (pipelines/k8s.py).
+    assert set(templates[k8s.S3_SECRET]) == set(k8s.S3_KEYS)
+    assert set(templates[k8s.MLFLOW_SECRET]) == {k8s.MLFLOW_URI_KEY, *k8s.MLFLOW_AUTH_KEYS}
+    assert templates[k8s.MLFLOW_SECRET][k8s.MLFLOW_URI_KEY] == "http://mlflow.kubeflow.svc.cluster.local:5000"
+    assert set(templates["mlflow-db"]) == {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
+    assert set(templates[k8s.ANIML_SECRET]) == set(k8s.ANIML_KEYS)
+    assert not any(templates[k8s.ANIML_SECRET].values())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_objects_the_pipeline_names_exist(overlay):
+    docs = render(overlay)
+    settings = by_kind(docs, "ConfigMap")[k8s.SETTINGS_CONFIGMAP]["data"]
+    assert set(settings) <= set(k8s.SETTINGS_KEYS) and settings["AWS_DEFAULT_REGION"]
+    assert ("AWS_ENDPOINT_URL_S3" in settings) == (overlay == "generic")
+    accounts = by_kind(docs, "ServiceAccount")
+    assert kubeflow.DEFAULT_SERVICE_ACCOUNT in accounts
+    [binding] = by_kind(docs, "RoleBinding").values()
+    assert binding["subjects"][0]["name"] == kubeflow.DEFAULT_SERVICE_ACCOUNT
+    irsa = "eks.amazonaws.com/role-arn"
+    for account in (kubeflow.DEFAULT_SERVICE_ACCOUNT, "mlflow"):
+        annotations = accounts[account]["metadata"].get("annotations", {})
+        assert (irsa in annotations) == (overlay == "aws"), account
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kfp_launcher_sets_the_pipeline_root_and_its_s3_provider(overlay):
+    launcher = by_kind(render(overlay), "ConfigMap")["kfp-launcher"]["data"]
+    assert launcher["defaultPipelineRoot"].startswith("s3://")
+    s3 = yaml.safe_load(launcher["providers"])["s3"]["default"]
+    assert s3["endpoint"] and s3["region"]
+    if overlay == "aws":
+        assert s3["credentials"] == {"fromEnv": True} and s3["disableSSL"] is False
+    else:
+        assert s3["endpoint"] == "seaweedfs.kubeflow:9000" and s3["forcePathStyle"] is True
+        assert s3["credentials"]["secretRef"] == {
+            "secretName": "mlpipeline-minio-artifact",
+            "accessKeyKey": "accesskey",
+            "secretKeyKey": "secretkey",
+        }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_admit_only_the_expected_clients(overlay):
+    policies = by_kind(render(overlay), "NetworkPolicy")
+    mlflow = policies["mlflow"]["spec"]
+    assert mlflow["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mlflow"}
+    assert mlflow["ingress"][0]["ports"] == [{"port": 5000, "protocol": "TCP"}]
+    if overlay == "generic":
+        postgres = policies["mlflow-postgres"]["spec"]
+        assert postgres["ingress"][0]["from"] == [
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}
+        ]
+
+
+def service_names(docs) -> list[str]:
+    service = by_kind(docs, "Service")["mlflow"]
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    port = service["spec"]["ports"][0]["port"]
+    hosts = [name, f"{name}.{namespace}", f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"]
+    return hosts + [f"{h}:{port}" for h in hosts]
+
+
+def mlflow_container(docs) -> tuple[dict, dict]:
+    [container] = by_kind(docs, "Deployment")["mlflow"]["spec"]["template"]["spec"]["containers"]
+    return container, config_map(docs, "mlflow")["data"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_allowed_hosts_cover_every_name_of_the_service(overlay):
+    docs = render(overlay)
+    container, settings = mlflow_container(docs)
+    assert "--allowed-hosts=$(ALLOWED_HOSTS)" in container["args"]
+    allowed = settings["ALLOWED_HOSTS"].split(",")
+    assert set(service_names(docs)) <= set(allowed)
+    assert "*" not in allowed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status(url: str, host: str) -> int:
+    request = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@contextlib.contextmanager
+def mlflow_server_like_the_deployment(docs, tmp_path):
+    """``mlflow server`` with the Deployment's arguments and environment names, on loopback with SQLite."""
+    container, settings = mlflow_container(docs)
+    port = _free_port()
+    args = [
+        a.replace("$(ALLOWED_HOSTS)", settings["ALLOWED_HOSTS"])
+        for a in container["args"]
+        if not a.startswith(("--host=", "--port=", "--workers="))
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))} | {
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
+    }
+    assert {"MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION"} <= {e["name"] for e in container["env"]}
+    log = open(tmp_path / "mlflow.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", *args, "--host=127.0.0.1", f"--port={port}", "--workers=1"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while _status_or_none(url + "/health") != 200:
+            assert proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "MLflow did not answer /health in 150 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+        log.close()
+
+
+def _status_or_none(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status
+    except OSError:
+        return None
+
+
+@pytest.mark.server
+@pytest.mark.timeout(240)
+def test_mlflow_admits_its_service_names_and_refuses_others(tmp_path):
+    docs = render("generic")
+    with mlflow_server_like_the_deployment(docs, tmp_path) as url:
+        api = url + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+        for host in service_names(docs):
+            assert _status(api, host) == 200, host
+        assert _status(api, "evil.example:5000") == 403
+        assert _status(api, "mlflow.other-namespace.svc.cluster.local:5000") == 403
+    assert (tmp_path / "mlflow.db").is_file(), "the server ignored MLFLOW_BACKEND_STORE_URI"
