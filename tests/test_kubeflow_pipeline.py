@@ -26,6 +26,8 @@ STAGE_TASKS = {
     "evaluate-op": "evaluate",
     "register-op": "register",
 }
+# Tasks that are sub-DAGs, not containers: the exit handler's body and the incremental-mode condition.
+DAG_TASKS = {"exit-handler-1", "condition-2"}
 COMPILE_ENV = ("IMAGE_REGISTRY", "IMAGE_TAG", "GPU_NODE_SELECTOR", "GPU_TOLERATION")
 
 
@@ -81,13 +83,13 @@ def container(spec, task):
 
 def test_two_documents_that_parse_into_kfp_types(docs, spec, k8s_config):
     assert len(docs) == 2
-    assert set(tasks(spec)) == set(STAGE_TASKS) | {"exit-handler-1", "record-status-op"}
+    assert set(tasks(spec)) == set(STAGE_TASKS) | DAG_TASKS | {"record-status-op"}
     assert set(k8s_config) == {f"exec-{t}" for t in STAGE_TASKS} | {"exec-record-status-op"}
 
 
 def test_only_training_asks_for_a_gpu_node(spec, k8s_config):
     for name, task in tasks(spec).items():
-        if name == "exit-handler-1":
+        if name in DAG_TASKS:
             continue
         resources = container(spec, task)[0]["resources"]
         config = k8s_config[container(spec, task)[1]]
@@ -108,7 +110,7 @@ def test_only_training_asks_for_a_gpu_node(spec, k8s_config):
 
 def test_every_task_has_cpu_and_memory_requests_and_limits(spec, k8s_config):
     for name, task in tasks(spec).items():
-        if name == "exit-handler-1":
+        if name in DAG_TASKS:
             continue
         task_container, executor = container(spec, task)
         resources = task_container["resources"]
@@ -135,12 +137,14 @@ def test_secrets_come_from_kubernetes_secrets_by_name_only(tmp_path):
 
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     secret_names = {s["secretName"] for e in executors.values() for s in e.get("secretAsEnv", [])}
-    assert secret_names == {k8s.S3_SECRET, k8s.MLFLOW_SECRET}
+    assert secret_names == {k8s.S3_SECRET, k8s.MLFLOW_SECRET, k8s.ANIML_SECRET}
     env_by_executor = {
         name: {m["envVar"]: s["secretName"] for s in e.get("secretAsEnv", []) for m in s["keyToEnv"]}
         for name, e in executors.items()
     }
-    assert env_by_executor["exec-export-op"] == {k: k8s.S3_SECRET for k in k8s.S3_KEYS}
+    assert env_by_executor["exec-export-op"] == {k: k8s.S3_SECRET for k in k8s.S3_KEYS} | {
+        k: k8s.MLFLOW_SECRET for k in (k8s.MLFLOW_URI_KEY, *k8s.MLFLOW_AUTH_KEYS)
+    } | {v: k8s.ANIML_SECRET for v in k8s.ANIML_KEYS.values()}
     assert env_by_executor["exec-split-op"] == {}
     for name in ("exec-train-op", "exec-evaluate-op", "exec-register-op", "exec-record-status-op"):
         assert env_by_executor[name]["MLFLOW_TRACKING_URI"] == k8s.MLFLOW_SECRET, name
@@ -162,7 +166,7 @@ def test_network_stages_retry_with_backoff(spec):
 
 
 def test_caching_is_off_where_a_cached_result_would_be_wrong(spec):
-    cached = {name: task.caching_options.enable_cache for name, task in tasks(spec).items() if name != "exit-handler-1"}
+    cached = {name: task.caching_options.enable_cache for name, task in tasks(spec).items() if name not in DAG_TASKS}
     assert {n for n, on in cached.items() if not on} == {
         "export-op",
         "train-op",
@@ -181,8 +185,9 @@ def test_exit_handler_runs_after_every_stage_whatever_happened(spec):
     )
     assert list(exit_task.dependent_tasks) == ["exit-handler-1"]
     assert exit_task.inputs.parameters["status"].task_final_status.producer_task == "exit-handler-1"
-    body = spec.components[root["exit-handler-1"].component_ref.name].dag.tasks
-    assert set(body) == set(STAGE_TASKS)
+    body = dict(spec.components[root["exit-handler-1"].component_ref.name].dag.tasks)
+    body.update(spec.components[body["condition-2"].component_ref.name].dag.tasks)  # everything after export
+    assert set(body) == set(STAGE_TASKS) | {"condition-2"}
 
 
 def test_display_names_match_the_stage_names(spec):
@@ -212,7 +217,7 @@ def test_a_malformed_node_selector_is_a_clear_error(monkeypatch):
 def test_light_stages_run_on_the_cpu_image_and_torch_stages_on_the_ml_image(spec):
     cpu_stages = {"export-op", "download-op", "cct-to-md-op", "crop-op", "split-op"}
     for name, task in tasks(spec).items():
-        if name == "exit-handler-1":
+        if name in DAG_TASKS:
             continue
         image = container(spec, task)[0]["image"]
         assert image.rsplit("/", 1)[1].startswith("animl-retrain-cpu" if name in cpu_stages else "animl-retrain-ml")
