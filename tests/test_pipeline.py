@@ -12,7 +12,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from animl_retrain import demo, services
 from animl_retrain.local_run import format_summary, run_local
 
-STAGES = ["export", "download", "cct-to-md", "crop", "split", "train", "evaluate", "register"]
+STAGES = ["export", "download", "cct-to-md", "detect", "crop", "split", "train", "evaluate", "register"]
 
 
 def test_compiles_to_kfp_ir(tmp_path):
