@@ -314,6 +314,18 @@ def test_without_weights_the_stage_is_skipped_and_crop_uses_ground_truth(project
     assert set(tables.read_table(tmp_path / "crops" / "crops.csv", tables.CROPS)["box_source"]) == {"ground_truth"}
 
 
+def test_anchor_free_layout_is_refused_with_a_clear_message(tmp_path):
+    import torch
+
+    class AnchorFree(torch.nn.Module):  # YOLOv8-style: [batch, 4 + classes, boxes], no objectness
+        def forward(self, x):
+            return x.mean(1, keepdim=True).flatten(2).expand(-1, 7, -1)
+
+    path = tiny_detector.export(tmp_path / "v8.onnx", fixed=(1, 64, 64), module=AnchorFree())
+    with pytest.raises(PipelineError, match="anchor-free"):
+        detector.Detector(path, "cpu")
+
+
 def test_pytorch_checkpoints_and_non_onnx_files_are_refused(project, tmp_path):
     with pytest.raises(PipelineError, match="convert it to ONNX"):
         run_detect(project, tmp_path / "pt", weights=str(tmp_path / "md_v5a.0.0.pt"))

@@ -50,7 +50,7 @@ class WhiteBoxDetector(torch.nn.Module):
         )
 
 
-def export(path: Path, fixed: tuple[int, int, int] | None = None) -> Path:
+def export(path: Path, fixed: tuple[int, int, int] | None = None, module: torch.nn.Module | None = None) -> Path:
     """Export to ONNX as YOLOv5's export.py does: dynamic batch and size, or fixed ``(batch, height, width)``."""
     import warnings
 
@@ -59,7 +59,7 @@ def export(path: Path, fixed: tuple[int, int, int] | None = None) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            WhiteBoxDetector(),
+            module or WhiteBoxDetector(),
             (torch.zeros(batch, 3, height, width),),
             str(path),
             dynamo=False,

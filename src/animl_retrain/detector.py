@@ -6,10 +6,11 @@ checkpoint to ONNX once, where the YOLOv5 code lives (see the README), and this 
 
 Everything around the network is our own code, following MegaDetector's "classic" mode:
 
-1. **Letterbox**: scale the image so it fits ``size`` x ``size`` (up or down), then pad with grey 114 to the
-   next multiple of the stride (a rectangle, not a square, so a 4:3 frame costs 1280x960, not 1280x1280), or
-   to the model's fixed input shape when the ONNX file has one. JPEGs are decoded at the largest DCT reduction
-   that still leaves at least the letterboxed size, which is several times faster than a full decode.
+1. **Letterbox**: scale the image so it fits ``size`` x ``size`` (up or down, OpenCV's INTER_LINEAR as YOLOv5),
+   then pad with grey 114 to the next multiple of the stride (a rectangle, not a square, so a 4:3 frame costs
+   1280x960, not 1280x1280), or to the model's fixed input shape when the ONNX file has one. JPEGs are decoded
+   at the largest DCT reduction that still leaves at least the letterboxed size: several times faster than a
+   full decode for 12-20 MP frames, at about one grey level of difference in the network input (bench/).
 2. **Inference** on uint8 NHWC batches: a small graph prepended to the model casts, scales to 0..1 and
    transposes on the device, so a batch crosses to the GPU at a quarter of the float size. Optionally in
    half precision (the model converted to fp16 at load, inputs and outputs kept fp32).
@@ -109,14 +110,16 @@ def load_letterboxed(
         geometry["g"] = letterbox_geometry(w, h, size, stride, fixed)
         return _draft_factor(w, h, geometry["g"])
 
-    from PIL import Image
+    import cv2
 
     img, (width, height) = open_image(path, max_pixels=max_pixels, scale_for=scale_for)
     geom = geometry.get("g") or letterbox_geometry(width, height, size, stride, fixed)
+    pixels = np.asarray(img)
     if img.size != (geom.resized_width, geom.resized_height):
-        img = img.resize((geom.resized_width, geom.resized_height), Image.BILINEAR)
+        cv2.setNumThreads(1)  # one image per worker process: threads would only oversubscribe the cores
+        pixels = cv2.resize(pixels, (geom.resized_width, geom.resized_height), interpolation=cv2.INTER_LINEAR)
     canvas = np.full((geom.input_height, geom.input_width, 3), PAD_VALUE, dtype=np.uint8)
-    canvas[geom.top : geom.top + geom.resized_height, geom.left : geom.left + geom.resized_width] = np.asarray(img)
+    canvas[geom.top : geom.top + geom.resized_height, geom.left : geom.left + geom.resized_width] = pixels
     return canvas, geom
 
 
@@ -288,11 +291,22 @@ class Detector:
                 f"it has input rank {len(dims)} and output rank {len(out_dims)}"
             )
         last = out_dims[2].dim_value
-        if last and last < 6:
-            raise PipelineError(f"detector output rows have {last} values; YOLOv5 rows have 5 + classes (8 for MD)")
+        if not 6 <= last <= 105:
+            middle = out_dims[1].dim_value
+            hint = (
+                f" (this looks like the anchor-free [batch, 4 + classes, boxes] layout of YOLOv8/v11-based models, "
+                f"with {middle} values per box: not supported)"
+                if middle and middle < 105
+                else ""
+            )
+            shape = [d.dim_value or d.dim_param for d in out_dims]
+            raise PipelineError(
+                f"detector output must be [batch, boxes, 5 + classes] with a fixed last dimension (8 for "
+                f"MegaDetector, as YOLOv5's export.py writes it); it is {shape}{hint}"
+            )
         fixed = (dims[2].dim_value, dims[3].dim_value) if dims[2].dim_value and dims[3].dim_value else None
         return ModelInfo(
-            classes=(last - 5) if last else 0,
+            classes=last - 5,
             fixed_shape=fixed,
             fixed_batch=dims[0].dim_value or None,
             provider=provider,
