@@ -323,7 +323,11 @@ def test_anchor_free_layout_is_refused_with_a_clear_message(tmp_path):
 
     path = tiny_detector.export(tmp_path / "v8.onnx", fixed=(1, 64, 64), module=AnchorFree())
     with pytest.raises(PipelineError, match="anchor-free"):
-        detector.Detector(path, "cpu")
+        detector.Detector(path, "cpu")  # the shape is in the file: refused on load
+    path = tiny_detector.export(tmp_path / "v8-dynamic.onnx", module=AnchorFree())
+    engine = detector.Detector(path, "cpu")  # the number of rows per box is symbolic: checked on the first batch
+    with pytest.raises(PipelineError, match="anchor-free"):
+        engine(np.zeros((1, 64, 64, 3), dtype=np.uint8))
 
 
 def test_pytorch_checkpoints_and_non_onnx_files_are_refused(project, tmp_path):
@@ -447,3 +451,26 @@ def test_half_precision_is_kept_only_within_tolerance(project):
     drifted = [[{**d, "conf": round(d["conf"] - 0.05, 3)} for d in dets] for dets in found]
     engine, info = detect._check_half_precision(half, full, batch, drifted, cfg, None, {"precision": "fp16"})
     assert engine is full and info["precision"] == "fp32" and info["fp16_check"]["max_conf_diff"] == pytest.approx(0.05)
+
+
+@pytest.mark.server
+def test_weights_and_checkpoint_on_s3_resume_a_run(project, s3, bucket, tmp_path):
+    s3.upload_file(str(project["model"]), bucket, "models/tiny.onnx")
+    cfg = dict(
+        images=project["images"],
+        ground_truth=project["ground_truth"],
+        weights=f"s3://{bucket}/models/tiny.onnx",
+        image_size=SIZE,
+        device="cpu",
+        checkpoint=f"s3://{bucket}/checkpoints",
+        run_id="run-1",
+    )
+    # A run that was killed after finishing one image, whose (hand-made) entry must be taken, not redone.
+    ckpt = detect.Checkpoint(f"s3://{bucket}/checkpoints/run-1")
+    ckpt.load(detect.checkpoint_settings(project["model"], detect.DetectConfig(**cfg, out=tmp_path)))
+    ckpt.save([{"file": _file("p:i1"), "detections": []}])
+    result = detect.run(detect.DetectConfig(**cfg, out=tmp_path / "out"))
+    assert result.resumed == 1 and result.processed == 5
+    results = by_id(read_json(tmp_path / "out" / detect.RESULTS_FILE))
+    assert results["p:i1"]["detections"] == [] and len(results["p:i2"]["detections"]) == 3
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="checkpoints/").get("KeyCount") == 0  # cleared when done

@@ -217,7 +217,7 @@ def _with_uint8_input(model):
 class ModelInfo:
     """What the runtime needs to know about a loaded detector."""
 
-    classes: int
+    classes: int | None  # None where the export leaves the output's last dimension symbolic
     fixed_shape: tuple[int, int] | None  # (height, width) when the ONNX input is not dynamic
     fixed_batch: int | None
     provider: str
@@ -268,7 +268,7 @@ class Detector:
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         self.output_name = self.session.get_outputs()[0].name
         log.info(
-            "detector: %s, %d classes, %s, %s, input %s",
+            "detector: %s, %s classes, %s, %s, input %s",
             Path(model_path).name,
             self.info.classes,
             self.info.provider,
@@ -290,23 +290,10 @@ class Detector:
                 f"detector model must map [batch, 3, H, W] to [batch, boxes, 5 + classes] (YOLOv5's layout); "
                 f"it has input rank {len(dims)} and output rank {len(out_dims)}"
             )
-        last = out_dims[2].dim_value
-        if not 6 <= last <= 105:
-            middle = out_dims[1].dim_value
-            hint = (
-                f" (this looks like the anchor-free [batch, 4 + classes, boxes] layout of YOLOv8/v11-based models, "
-                f"with {middle} values per box: not supported)"
-                if middle and middle < 105
-                else ""
-            )
-            shape = [d.dim_value or d.dim_param for d in out_dims]
-            raise PipelineError(
-                f"detector output must be [batch, boxes, 5 + classes] with a fixed last dimension (8 for "
-                f"MegaDetector, as YOLOv5's export.py writes it); it is {shape}{hint}"
-            )
+        _check_output_layout(out_dims[1].dim_value, out_dims[2].dim_value)
         fixed = (dims[2].dim_value, dims[3].dim_value) if dims[2].dim_value and dims[3].dim_value else None
         return ModelInfo(
-            classes=last - 5,
+            classes=out_dims[2].dim_value - 5 if out_dims[2].dim_value else None,
             fixed_shape=fixed,
             fixed_batch=dims[0].dim_value or None,
             provider=provider,
@@ -316,7 +303,26 @@ class Detector:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Raw YOLOv5 output ``(B, N, 5 + classes)`` for a uint8 ``(B, H, W, 3)`` batch."""
         out = self.session.run([self.output_name], {INPUT_NAME: np.ascontiguousarray(batch)})[0]
+        if out.ndim != 3:
+            raise PipelineError(f"detector output has shape {out.shape}; YOLOv5's is [batch, boxes, 5 + classes]")
+        _check_output_layout(out.shape[1], out.shape[2])
         return np.asarray(out, dtype=np.float32)
+
+
+def _check_output_layout(middle: int, last: int) -> None:
+    """Refuse an output that is not ``[batch, boxes, 5 + classes]``; 0 means unknown (a symbolic dimension)."""
+    if not last or 6 <= last <= 105:
+        return
+    hint = ""
+    if middle and middle < 105:
+        hint = (
+            f" (this looks like the anchor-free [batch, 4 + classes, boxes] layout of YOLOv8/v11-based models, with "
+            f"{middle} values per box: not supported)"
+        )
+    raise PipelineError(
+        f"detector output rows have {last} values; YOLOv5's layout is [batch, boxes, 5 + classes] (8 for "
+        f"MegaDetector, as YOLOv5's export.py writes it){hint}"
+    )
 
 
 # --- decoding overlapped with inference ------------------------------------------------------------------------

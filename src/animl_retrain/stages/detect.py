@@ -206,14 +206,7 @@ def run(cfg: DetectConfig) -> DetectResult:
             weights = storage.fetch(cfg.weights, Path(tmp) / Path(cfg.weights).name)
         if not weights.is_file():
             raise PipelineError(f"detect: weights not found: {cfg.weights}")
-        from animl_retrain import detector
-
-        settings = {
-            "model_sha256": detector.model_digest(weights),
-            "image_size": cfg.image_size,
-            "min_conf": cfg.min_conf,
-            "iou": detector.IOU_THRESHOLD,
-        }
+        settings = checkpoint_settings(weights, cfg)
         where = cfg.checkpoint.rstrip("/") or str(out / CHECKPOINT_DIR)
         checkpoint = Checkpoint(f"{where}/{safe_filename(cfg.run_id)}" if cfg.run_id else where)
         done = checkpoint.load(settings)
@@ -259,6 +252,18 @@ def run(cfg: DetectConfig) -> DetectResult:
         result.failed,
     )
     return result
+
+
+def checkpoint_settings(weights: Path, cfg: DetectConfig) -> dict[str, Any]:
+    """The settings that decide a run's results: a checkpoint is reused only under the same ones."""
+    from animl_retrain import detector
+
+    return {
+        "model_sha256": detector.model_digest(weights),
+        "image_size": cfg.image_size,
+        "min_conf": cfg.min_conf,
+        "iou": detector.IOU_THRESHOLD,
+    }
 
 
 def _detect_files(
