@@ -474,3 +474,16 @@ def test_weights_and_checkpoint_on_s3_resume_a_run(project, s3, bucket, tmp_path
     results = by_id(read_json(tmp_path / "out" / detect.RESULTS_FILE))
     assert results["p:i1"]["detections"] == [] and len(results["p:i2"]["detections"]) == 3
     assert s3.list_objects_v2(Bucket=bucket, Prefix="checkpoints/").get("KeyCount") == 0  # cleared when done
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_half_precision_is_checked_and_boxes_stay_put(project, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and a CUDA device")
+    _, results, report = run_detect(project, tmp_path / "gpu", device="cuda", batch_size=4)
+    assert report["provider"] == "CUDAExecutionProvider" and report["fp16_check"]["kept_fp16"]
+    images = by_id(results)
+    for iid, expected in EXPECTED.items():
+        assert images[iid]["detections"][0]["bbox"] == pytest.approx(expected, abs=0.01)

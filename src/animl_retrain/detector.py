@@ -24,7 +24,7 @@ Everything around the network is our own code, following MegaDetector's "classic
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,44 +240,41 @@ class Detector:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
-        use_cuda = "CUDAExecutionProvider" in available and device != "cpu"
-        if device == "cuda" and not use_cuda:
+        want_cuda = "CUDAExecutionProvider" in available and device != "cpu"
+        if device == "cuda" and not want_cuda:
             raise PipelineError(
                 f"device 'cuda' asked for, but ONNX Runtime offers only {available}: install onnxruntime-gpu "
                 "(the ML image has it) and check that the pod got a GPU"
             )
-        if precision == "auto":
-            precision = "fp16" if use_cuda else "fp32"
         try:
             model = onnx.load(str(model_path))
         except Exception as e:
             raise PipelineError(f"detector weights {model_path} are not an ONNX model: {e}") from e
-        self.info = self._inspect(model, "CUDAExecutionProvider" if use_cuda else "CPUExecutionProvider", precision)
+        info = self._inspect(model)
         model = _with_uint8_input(model)
-        if precision == "fp16":
-            from onnxruntime.transformers.float16 import convert_float_to_float16
-
-            model = convert_float_to_float16(model, keep_io_types=True)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if use_cuda:
-            providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}))
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        resolved = precision if precision != "auto" else ("fp16" if want_cuda else "fp32")
+        self.session = _session(model, resolved, want_cuda, threads)
+        provider = self.session.get_providers()[0]
+        if want_cuda and provider != "CUDAExecutionProvider":  # onnxruntime-gpu installed, but no usable GPU
+            if device == "cuda":
+                raise PipelineError("device 'cuda' asked for, but ONNX Runtime's CUDA provider did not start")
+            log.warning("detector: the CUDA provider did not start; running on the CPU")
+            if precision == "auto" and resolved == "fp16":
+                resolved = "fp32"
+                self.session = _session(model, resolved, False, threads)
+        self.info = replace(info, provider=provider, precision=resolved)
         self.output_name = self.session.get_outputs()[0].name
         log.info(
             "detector: %s, %s classes, %s, %s, input %s",
             Path(model_path).name,
-            self.info.classes,
-            self.info.provider,
-            precision,
-            "dynamic" if self.info.fixed_shape is None else "x".join(map(str, self.info.fixed_shape)),
+            info.classes,
+            provider,
+            resolved,
+            "dynamic" if info.fixed_shape is None else "x".join(map(str, info.fixed_shape)),
         )
 
     @staticmethod
-    def _inspect(model, provider: str, precision: str) -> ModelInfo:
+    def _inspect(model) -> ModelInfo:
         graph = model.graph
         initializers = {i.name for i in graph.initializer}
         inputs = [i for i in graph.input if i.name not in initializers]
@@ -296,8 +293,8 @@ class Detector:
             classes=out_dims[2].dim_value - 5 if out_dims[2].dim_value else None,
             fixed_shape=fixed,
             fixed_batch=dims[0].dim_value or None,
-            provider=provider,
-            precision=precision,
+            provider="",
+            precision="",
         )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -307,6 +304,24 @@ class Detector:
             raise PipelineError(f"detector output has shape {out.shape}; YOLOv5's is [batch, boxes, 5 + classes]")
         _check_output_layout(out.shape[1], out.shape[2])
         return np.asarray(out, dtype=np.float32)
+
+
+def _session(model, precision: str, cuda: bool, threads: int):
+    """An ONNX Runtime session for ``model`` (converted to fp16 first where asked), on CUDA or the CPU."""
+    import onnxruntime as ort
+
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(model, keep_io_types=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if cuda:
+        providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
 
 def _check_output_layout(middle: int, last: int) -> None:
