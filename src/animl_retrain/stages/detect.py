@@ -228,30 +228,27 @@ def run(cfg: DetectConfig) -> DetectResult:
     results["images"] = [done[f] for f in files if f in done]
     mdformat.write_results(out / RESULTS_FILE, results)
     checkpoint.clear()
-    processed = len(files) - resumed
-    report.counts.update(processed=processed, resumed=resumed)
-    result = _result(results, cfg.threshold, processed=processed, resumed=resumed, skipped=False)
-    report.counts.update(
-        failed=result.failed,
-        animal_images=result.animal_images,
-        animal_detections=result.animal_detections,
-        person_detections=result.person_detections,
-        vehicle_detections=result.vehicle_detections,
-    )
+    result = _result(results, cfg.threshold, processed=len(files) - resumed, resumed=resumed, skipped=False)
+    _finish_report(report, result, cfg, engine_info)
+    return result
+
+
+def _finish_report(report: Report, result: DetectResult, cfg: DetectConfig, engine_info: dict[str, Any]) -> None:
+    """Counts per category (person and vehicle are counted, never used), the engine's figures; log a summary."""
+    report.counts.update(result.model_dump(exclude={"images", "skipped"}))
     report.details.update(threshold=cfg.threshold, **engine_info)
-    report.finish(out)
+    report.finish(cfg.out)
     log.info(
         "detect: %d images (%d resumed), %d with an animal at >= %.2f, %d person and %d vehicle detections "
         "(not used), %d failed",
-        len(files),
-        resumed,
+        result.images,
+        result.resumed,
         result.animal_images,
         cfg.threshold,
         result.person_detections,
         result.vehicle_detections,
         result.failed,
     )
-    return result
 
 
 def checkpoint_settings(weights: Path, cfg: DetectConfig) -> dict[str, Any]:
