@@ -76,6 +76,22 @@ def test_letterboxed_pixels_are_padded_grey_and_decoded_at_reduced_scale(tmp_pat
     assert detector._draft_factor(2560, 1440, g) == 4  # 640x360 is exactly what a 1/4 JPEG decode gives
 
 
+def test_full_decode_matches_megadetector_preprocessing_exactly(tmp_path):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (27, 48, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((2560, 1440), Image.BICUBIC).save(tmp_path / "f.jpg", quality=90)
+    # MegaDetector's classic mode, by hand: decode in full, INTER_LINEAR to 1280x720, grey 114 to 768 high
+    full = np.asarray(Image.open(tmp_path / "f.jpg").convert("RGB"))
+    resized = cv2.resize(full, (1280, 720), interpolation=cv2.INTER_LINEAR)
+    expected = cv2.copyMakeBorder(resized, 24, 24, 0, 0, cv2.BORDER_CONSTANT, value=(114, 114, 114))
+    exact, _ = detector.load_letterboxed(tmp_path / "f.jpg", 1280, reduced_decode=False)
+    assert np.array_equal(exact, expected)
+    reduced, _ = detector.load_letterboxed(tmp_path / "f.jpg", 1280)  # decoded at 1/2 scale: close, not equal
+    assert 0 < np.abs(reduced.astype(float) - expected).mean() < 6
+
+
 def test_decode_predictions_filters_and_suppresses_per_class():
     def row(cx, cy, w, h, obj, cls):
         scores = [0.0, 0.0, 0.0]

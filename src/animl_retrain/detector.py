@@ -9,8 +9,9 @@ Everything around the network is our own code, following MegaDetector's "classic
 1. **Letterbox**: scale the image so it fits ``size`` x ``size`` (up or down, OpenCV's INTER_LINEAR as YOLOv5),
    then pad with grey 114 to the next multiple of the stride (a rectangle, not a square, so a 4:3 frame costs
    1280x960, not 1280x1280), or to the model's fixed input shape when the ONNX file has one. JPEGs are decoded
-   at the largest DCT reduction that still leaves at least the letterboxed size: several times faster than a
-   full decode for 12-20 MP frames, at about one grey level of difference in the network input (bench/).
+   at the largest DCT reduction that still leaves at least the letterboxed size: 2-3 times faster for frames
+   twice the input size or more, at 2-5 grey levels of mean difference in the network input (bench/); the
+   stage's ``reduced_decode=False`` decodes in full, exactly as MegaDetector.
 2. **Inference** on uint8 NHWC batches: a small graph prepended to the model casts, scales to 0..1 and
    transposes on the device, so a batch crosses to the GPU at a quarter of the float size. Optionally in
    half precision (the model converted to fp16 at load, inputs and outputs kept fp32).
@@ -98,8 +99,12 @@ def load_letterboxed(
     stride: int = STRIDE,
     fixed: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    reduced_decode: bool = True,
 ) -> tuple[np.ndarray, Letterbox]:
     """Decode an image and letterbox it: a uint8 ``(H, W, 3)`` RGB array and its geometry.
+
+    With ``reduced_decode`` a JPEG at least twice the resized size is decoded at 1/2, 1/4 or 1/8 scale (never
+    below the resized size); without it, decoding is full-size, exactly as MegaDetector does.
 
     Raises:
         BadImageError: the file is not a decodable image (or is over ``max_pixels``).
@@ -108,7 +113,7 @@ def load_letterboxed(
 
     def scale_for(w: int, h: int) -> int:
         geometry["g"] = letterbox_geometry(w, h, size, stride, fixed)
-        return _draft_factor(w, h, geometry["g"])
+        return _draft_factor(w, h, geometry["g"]) if reduced_decode else 1
 
     import cv2
 
@@ -356,8 +361,8 @@ class Decoded:
 class _ImageFiles:
     """A torch map-style dataset: file index -> :class:`Decoded` (decoding errors are returned, not raised)."""
 
-    def __init__(self, paths: Sequence[Path], size: int, fixed: tuple[int, int] | None, max_pixels: int):
-        self.paths, self.size, self.fixed, self.max_pixels = list(paths), size, fixed, max_pixels
+    def __init__(self, paths: Sequence[Path], size: int, fixed: tuple[int, int] | None, max_pixels: int, reduced: bool):
+        self.paths, self.size, self.fixed, self.max_pixels, self.reduced = list(paths), size, fixed, max_pixels, reduced
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -366,7 +371,7 @@ class _ImageFiles:
         import torch
 
         try:
-            pixels, geom = load_letterboxed(self.paths[i], self.size, STRIDE, self.fixed, self.max_pixels)
+            pixels, geom = load_letterboxed(self.paths[i], self.size, STRIDE, self.fixed, self.max_pixels, self.reduced)
         except (BadImageError, OSError) as e:
             return Decoded(i, None, None, str(e))
         return Decoded(i, torch.from_numpy(pixels), geom, None)
@@ -377,7 +382,12 @@ def _as_is(item):
 
 
 def decoded_images(
-    paths: Sequence[Path], size: int, fixed: tuple[int, int] | None, workers: int, max_pixels: int
+    paths: Sequence[Path],
+    size: int,
+    fixed: tuple[int, int] | None,
+    workers: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reduced_decode: bool = True,
 ) -> Iterator[Decoded]:
     """Decode and letterbox ``paths`` in ``workers`` processes (0: in this thread), in order, a few ahead.
 
@@ -387,7 +397,7 @@ def decoded_images(
     from torch.utils.data import DataLoader
 
     loader = DataLoader(
-        _ImageFiles(paths, size, fixed, max_pixels),
+        _ImageFiles(paths, size, fixed, max_pixels, reduced_decode),
         batch_size=None,
         shuffle=False,
         num_workers=workers,
