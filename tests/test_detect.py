@@ -292,9 +292,17 @@ def test_crop_box_source_choices(project, detected, tmp_path):
         crop.run(crop.CropConfig(**common, out=tmp_path / "none", box_source="detector"))
 
 
-def test_select_all_includes_images_with_validated_boxes(project, tmp_path):
+def test_select_all_includes_images_with_validated_boxes_but_ground_truth_still_wins(project, tmp_path):
     _, results, _ = run_detect(project, tmp_path / "all", select="all")
     assert set(by_id(results)) == set(PROJECT)
+    box = by_id(results)["p:i4"]["detections"][0]["bbox"]  # the white box, not the validated one
+    assert box == pytest.approx([400 / 640, 300 / 480, 80 / 640, 80 / 480], abs=0.01)
+    common = dict(images=project["images"], ground_truth=project["ground_truth"], crop_size=32, workers=1)
+    crop.run(crop.CropConfig(**common, detections=tmp_path / "all", out=tmp_path / "crops"))
+    crops = tables.read_table(tmp_path / "crops" / "crops.csv", tables.CROPS).set_index("image_id")
+    assert crops.loc["p:i4", "box_source"] == "ground_truth"
+    problems = read_json(tmp_path / "crops" / "report.json")["problems"]
+    assert not any("p-i4" in p["where"] for p in problems)
 
 
 def test_fixed_shape_model_and_half_precision_give_the_same_boxes(project, detected, tmp_path):

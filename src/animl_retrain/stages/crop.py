@@ -123,20 +123,35 @@ def _row(meta, file: str, label: str, det: dict, source: str, annotation_id: str
     }
 
 
+def _located(ground_truth: dict[str, list[dict]]) -> set[str]:
+    """Images with a ground-truth box that locates the animal (not only full-frame image-level labels)."""
+    return {
+        file
+        for file, rows in ground_truth.items()
+        if any(not mdformat.is_full_frame([r["x"], r["y"], r["w"], r["h"]]) for r in rows)
+    }
+
+
 def _detector_boxes(
-    detections: dict, ground_truth: dict[str, list[dict]], by_file: pd.DataFrame, threshold: float, report: Report
+    detections: dict,
+    ground_truth: dict[str, list[dict]],
+    by_file: pd.DataFrame,
+    threshold: float,
+    report: Report,
+    skip: set[str],
 ) -> dict[str, list[dict]]:
     """Crop rows for every ``animal`` detection at or above ``threshold``, labelled with the image's label.
 
     The label is the image's one Animl label (from its ground-truth, usually full-frame, boxes); an image with
     several different labels is ambiguous and skipped. Person and vehicle detections are counted, never cropped.
+    Images in ``skip`` (where ground truth wins) are left out.
     """
     boxes: dict[str, list[dict]] = {}
     excluded: Counter[str] = Counter()
     for im in detections["images"]:
         file = im["file"]
-        if im.get("failure") or file not in by_file.index:
-            continue  # the detect stage reported it; ground truth (if any) stands in
+        if im.get("failure") or file not in by_file.index or file in skip:
+            continue  # the detect stage reported a failure; ground truth (if any) stands in
         safe_relpath(file, "results file entry")
         labels = sorted({row["label"] for row in ground_truth.get(file, [])})
         kept = [d for d in im.get("detections") or [] if d["conf"] >= threshold]
@@ -168,12 +183,11 @@ def _choose_boxes(
         return ground_truth
     if source == "detector":
         return detector
-    chosen = {}
-    for file in sorted(set(ground_truth) | set(detector)):
-        gt = ground_truth.get(file, [])
-        located = any(not mdformat.is_full_frame([r["x"], r["y"], r["w"], r["h"]]) for r in gt)
-        chosen[file] = gt if located or file not in detector else detector[file]
-    return chosen
+    located = _located(ground_truth)
+    return {
+        file: detector[file] if file in detector and file not in located else ground_truth.get(file, [])
+        for file in sorted(set(ground_truth) | set(detector))
+    }
 
 
 def _jobs_from_results(
@@ -187,7 +201,9 @@ def _jobs_from_results(
             "typical_detection_threshold", 0.2
         )
         report.details["detection_threshold"] = threshold
-        boxes = _choose_boxes(boxes, _detector_boxes(detections, boxes, by_file, threshold, report), cfg.box_source)
+        skip = _located(boxes) if cfg.box_source == "both" else set()
+        detected = _detector_boxes(detections, boxes, by_file, threshold, report, skip)
+        boxes = _choose_boxes(boxes, detected, cfg.box_source)
     elif cfg.box_source == "detector":
         raise PipelineError("crop: box_source 'detector' needs the detect stage's output (--detections)")
     return [
