@@ -70,7 +70,7 @@ class DetectConfig(StageConfig):
     precision: Literal["auto", "fp32", "fp16"] = Field(
         "auto", description="'auto': fp16 on a GPU if the first batch matches fp32 within tolerance, else fp32"
     )
-    workers: int = Field(0, ge=0, le=64, description="image decoding processes; 0: one per core (at most 16)")
+    workers: int = Field(0, ge=0, le=64, description="image decoding processes; 0: the cores less one (at most 16)")
     threads: int = Field(0, ge=0, description="ONNX Runtime CPU threads; 0: one per core")
     checkpoint: str = Field("", description="folder or s3:// prefix for partial results; '' is <out>/checkpoint")
     run_id: str = Field("", description="appended to checkpoint: each pipeline run resumes only its own work")
