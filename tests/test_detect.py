@@ -430,7 +430,7 @@ def test_killed_run_resumes_without_redoing_finished_images(many_images, tmp_pat
     )
     resumed = detect.run(detect.DetectConfig(**cfg, out=out))
     assert resumed.resumed == done_before and resumed.processed == 300 - done_before and resumed.images == 300
-    assert not shards.exists() or not list(shards.iterdir())
+    assert not shards.exists()  # cleared once the results file is written
     fresh = detect.run(detect.DetectConfig(**cfg, out=tmp_path / "fresh"))
     assert fresh.resumed == 0
     assert (

@@ -1,4 +1,4 @@
-"""Stage 4, detect: run MegaDetector on the images that have labels but no box locating the animal.
+"""Stage 3b, detect (between cct-to-md and crop): run MegaDetector on labelled images with no box on the animal.
 
 Animl stores an image-level label ("a fox is in this frame") as a full-frame box, and imported or unreviewed
 images may carry labels without useful boxes. This stage finds the animals in those images (``select=all``:
@@ -174,9 +174,12 @@ class Checkpoint:
         """Delete every shard and the settings file."""
         for name in self._names():
             self._delete(name)
-        if not self.s3:
-            for stale in Path(self.where).glob(".*.part") if Path(self.where).is_dir() else []:
+        folder = Path(self.where)
+        if not self.s3 and folder.is_dir():
+            for stale in folder.glob(".*.part"):
                 stale.unlink(missing_ok=True)  # temporary files of a write that was killed
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def run(cfg: DetectConfig) -> DetectResult:
