@@ -6,8 +6,15 @@ from kfp.dsl import Dataset, Input, Output
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def crop_op(images: Input[Dataset], ground_truth: Input[Dataset], crops: Output[Dataset], crop_size: int = 224):
-    """Cut and store the crops, with a manifest."""
+def crop_op(
+    images: Input[Dataset],
+    ground_truth: Input[Dataset],
+    detections: Input[Dataset],
+    crops: Output[Dataset],
+    crop_size: int = 224,
+    box_source: str = "both",
+):
+    """Cut and store the crops (ground-truth and/or detector boxes), with a manifest."""
     from animl_retrain.components.runtime import run_stage
 
     from animl_retrain.stages import crop as stage
@@ -18,6 +25,8 @@ def crop_op(images: Input[Dataset], ground_truth: Input[Dataset], crops: Output[
         crops,
         images=images.path,
         ground_truth=ground_truth.path,
+        detections=detections.path,
         out=crops.path,
         crop_size=crop_size,
+        box_source=box_source,
     )

@@ -13,7 +13,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /build
 COPY pyproject.toml docker/deps.py ./
 COPY requirements/constraints.txt requirements/
-RUN python deps.py ml > requirements.txt \
+RUN python deps.py --gpu ml > requirements.txt \
     && python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -c requirements/constraints.txt -r requirements.txt
 

@@ -72,6 +72,7 @@ PROFILES = {
     "export": Profile(cpu="500m", memory="2Gi", s3=True, mlflow=True, animl=True, retry=True, cache=False),
     "download": Profile(cpu="1", memory="2Gi", s3=True, retry=True),
     "cct-to-md": Profile(cpu="500m", memory="1Gi"),
+    "detect": Profile(cpu="4", memory="16Gi", gpu=True, s3=True, retry=True),
     "crop": Profile(cpu="2", memory="4Gi"),
     "split": Profile(cpu="500m", memory="1Gi"),
     "train": Profile(cpu="4", memory="24Gi", gpu=True, s3=True, mlflow=True, cache=False),

@@ -1,4 +1,4 @@
-"""Animl export -> images -> ground-truth boxes -> crops -> location split -> training -> evaluation -> registry.
+"""Animl export -> images -> ground-truth and detector boxes -> crops -> split -> training -> evaluation -> registry.
 
 Read top to bottom: each ``stage(...)`` is one step, fed by the artifacts of the steps before it; ``stage``
 (pipelines/k8s.py) gives it its resources, GPUs, secrets, retries and caching on Kubernetes. The exit handler
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from animl_retrain.components.cct_to_md import cct_to_md_op
 from animl_retrain.components.crop import crop_op
+from animl_retrain.components.detect import detect_op
 from animl_retrain.components.download import download_op
 from animl_retrain.components.evaluate import evaluate_op
 from animl_retrain.components.export import export_op
@@ -32,6 +33,11 @@ def retrain_pipeline(
     model_name: str = "animl-classifier",
     unmapped_labels: str = "drop",
     only_validated: bool = True,
+    detector_weights: str = "",
+    detect_images: str = "unboxed",
+    detection_threshold: float = 0.2,
+    detect_checkpoint: str = "",
+    box_source: str = "both",
     image_size: int = 224,
     val_frac: float = 0.15,
     test_frac: float = 0.15,
@@ -67,6 +73,11 @@ def retrain_pipeline(
         model_name: registered model name in MLflow.
         unmapped_labels: 'drop' or 'other': what happens to Animl labels the spec does not list.
         only_validated: keep only annotations a person validated.
+        detector_weights: MegaDetector ONNX export (s3:// URI); '' skips detection (ground-truth boxes only).
+        detect_images: 'unboxed' (labelled images without a box locating the animal) or 'all'.
+        detection_threshold: animal detections at or above this become crops (MDv5: 0.2).
+        detect_checkpoint: s3:// prefix for detection checkpoints, so a retried detect task resumes.
+        box_source: 'both' (ground truth where it locates the animal, else detector), 'ground_truth' or 'detector'.
         image_size: crop and model input size in pixels.
         val_frac: share of each class for validation.
         test_frac: share of each class for the test set.
@@ -120,12 +131,26 @@ def retrain_pipeline(
             ground_truth = stage(
                 "cct-to-md", cct_to_md_op(export=export.outputs["export"], images=images.outputs["images"])
             )
+            detections = stage(
+                "detect",
+                detect_op(
+                    images=images.outputs["images"],
+                    ground_truth=ground_truth.outputs["ground_truth"],
+                    weights=detector_weights,
+                    select=detect_images,
+                    threshold=detection_threshold,
+                    checkpoint=detect_checkpoint,
+                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                ),
+            )
             crops = stage(
                 "crop",
                 crop_op(
                     images=images.outputs["images"],
                     ground_truth=ground_truth.outputs["ground_truth"],
+                    detections=detections.outputs["detections"],
                     crop_size=image_size,
+                    box_source=box_source,
                 ),
             )
             split = stage(

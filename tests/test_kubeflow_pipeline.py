@@ -20,6 +20,7 @@ STAGE_TASKS = {
     "export-op": "export",
     "download-op": "download",
     "cct-to-md-op": "cct-to-md",
+    "detect-op": "detect",
     "crop-op": "crop",
     "split-op": "split",
     "train-op": "train",
@@ -87,15 +88,17 @@ def test_two_documents_that_parse_into_kfp_types(docs, spec, k8s_config):
     assert set(k8s_config) == {f"exec-{t}" for t in STAGE_TASKS} | {"exec-record-status-op"}
 
 
-def test_only_training_asks_for_a_gpu_node(spec, k8s_config):
+def test_only_detection_and_training_ask_for_a_gpu_node(spec, k8s_config):
     for name, task in tasks(spec).items():
         if name in DAG_TASKS:
             continue
         resources = container(spec, task)[0]["resources"]
         config = k8s_config[container(spec, task)[1]]
-        if name == "train-op":
+        if name in ("train-op", "detect-op"):
             assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-            assert resources["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--train_gpus']}}"
+            assert resources["accelerator"]["resourceCount"] == (
+                "{{$.inputs.parameters['pipelinechannel--train_gpus']}}" if name == "train-op" else "1"
+            )
             assert [(t.key, t.operator, t.effect) for t in config.tolerations] == [
                 ("nvidia.com/gpu", "Exists", "NoSchedule")
             ]
@@ -158,7 +161,7 @@ def test_network_stages_retry_with_backoff(spec):
     for name, task in tasks(spec).items():
         if task.HasField("retry_policy"):
             retried[name] = task.retry_policy
-    assert set(retried) == {"export-op", "download-op", "register-op"}
+    assert set(retried) == {"export-op", "download-op", "detect-op", "register-op"}
     for policy in retried.values():
         assert policy.max_retry_count >= 2
         assert policy.backoff_duration.seconds >= 10 and policy.backoff_factor > 1

@@ -14,7 +14,7 @@ from animl_retrain import demo, services, storage
 from animl_retrain.local_run import format_summary, run_local
 from tests.fake_animl import Cognito, FakeAniml
 
-STAGES = ["export", "download", "cct-to-md", "crop", "split", "train", "evaluate", "register"]
+STAGES = ["export", "download", "cct-to-md", "detect", "crop", "split", "train", "evaluate", "register"]
 
 
 def all_tasks(spec) -> set[str]:

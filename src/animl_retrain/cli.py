@@ -22,6 +22,7 @@ STAGES = {
     "export": ("export", "ExportConfig", "validate an Animl COCO export and apply the label spec"),
     "download": ("download", "DownloadConfig", "download the full-size images the export needs"),
     "cct-to-md": ("cct_to_md", "CctToMdConfig", "write ground-truth boxes as a MegaDetector results file"),
+    "detect": ("detect", "DetectConfig", "run MegaDetector (ONNX) on labelled images without a located box"),
     "crop": ("crop", "CropConfig", "cut square crops around every box, resized once"),
     "split": ("split", "SplitConfig", "split locations into train/val/test, balanced per class"),
     "train": ("train", "TrainConfig", "train the classifier, logging to MLflow"),

@@ -22,6 +22,7 @@ STAGE_OUTPUTS = {
     "export-op": "export",
     "download-op": "images",
     "cct-to-md-op": "ground_truth",
+    "detect-op": "detections",
     "crop-op": "crops",
     "split-op": "split",
     "train-op": "model",

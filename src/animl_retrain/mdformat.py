@@ -16,6 +16,10 @@ from animl_retrain.common import PipelineError, read_json, write_json
 FORMAT_VERSION = "1.6"
 DETECTION_CATEGORIES = {"1": "animal", "2": "person", "3": "vehicle"}
 ANIMAL = "1"
+FAILURE_IMAGE_OPEN = "Failure image access"  # MegaDetector's own failure string for an unreadable image
+# A box covering this share of both sides of the frame is an image-level label ("there is a fox in this
+# image"), not a located animal: Animl stores image-level labels as full-frame boxes.
+FULL_FRAME_COVER = 0.95
 
 
 def new_results(detector: str, classification_labels: list[str] | None = None, **info: Any) -> dict[str, Any]:
@@ -52,6 +56,11 @@ def normalise_box(x: float, y: float, w: float, h: float, width: int, height: in
         round((y1 - y0) / height, 6),
     ]
     return box, clipped
+
+
+def is_full_frame(bbox: list[float]) -> bool:
+    """Whether a normalised ``[x, y, w, h]`` box is an image-level label rather than a located animal."""
+    return bbox[2] >= FULL_FRAME_COVER and bbox[3] >= FULL_FRAME_COVER
 
 
 def write_results(path: Path, data: dict[str, Any]) -> None:

@@ -19,6 +19,10 @@ IMAGES = {
     "height": "Int64",
     "n_objects": "int",  # objects kept by the label spec
     "animl_labels": "str",  # every Animl label on the image, ';'-separated
+    # Kept labels, but no kept box locates the animal (only full-frame image-level labels): the download stage
+    # fetches it and the detect stage runs MegaDetector on it. Where the export lacks the image size, boxes at
+    # the top-left corner count as possibly full-frame; detect and crop decide on the normalised boxes.
+    "needs_detection": "bool",
 }
 
 # Every annotation kept by the label spec: one crop each.

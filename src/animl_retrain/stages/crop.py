@@ -1,6 +1,8 @@
 """Stage 4, crop: cut a square crop around every box and store it resized, once, at the training size.
 
-Boxes come from MegaDetector-format files (the ground truth written by cct-to-md). Each image is decoded once,
+Boxes come from MegaDetector-format files: the ground truth written by cct-to-md, the detect stage's
+MegaDetector results, or both (ground truth wins where it locates the animal; detector boxes take the image's
+Animl label, and ``box_source`` in ``crops.csv`` says which it was). Each image is decoded once,
 at the smallest JPEG scale that still leaves every crop at full resolution, and its crops are cut with the
 shared rule in :mod:`animl_retrain.preprocessing`. Images are spread over every core. ``crops.csv`` lists
 each crop with its source image, annotation id, label, location and box; unreadable images are reported.
@@ -13,6 +15,7 @@ import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 from pydantic import BaseModel, Field
@@ -24,6 +27,7 @@ from animl_retrain.config import StageConfig
 from animl_retrain.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
 from animl_retrain.preprocessing import cut_square, draft_scale
 from animl_retrain.stages.cct_to_md import RESULTS_FILE
+from animl_retrain.stages.detect import RESULTS_FILE as DETECTIONS_FILE
 from animl_retrain.stages.download import IMAGES_DIR
 
 CROPS_DIR = "crops"
@@ -39,6 +43,13 @@ class CropConfig(StageConfig):
     jpeg_quality: int = Field(95, ge=50, le=100, description="JPEG quality of the stored crops")
     workers: int = Field(0, ge=0, description="processes; 0 means one per core")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="refuse images with more pixels than this")
+    detections: Path | None = Field(None, description="output folder of the detect stage (or its results file)")
+    box_source: Literal["ground_truth", "detector", "both"] = Field(
+        "both", description="'both': ground truth where it locates the animal, else the detector's boxes"
+    )
+    detection_threshold: float | None = Field(
+        None, gt=0, le=1, description="animal detections at or above this become crops (default: the detect stage's)"
+    )
 
 
 class CropResult(BaseModel):
@@ -72,11 +83,10 @@ def _crop_image(job: tuple) -> tuple[list[dict], str | None]:
     return rows, None
 
 
-def _jobs_from_results(results: dict, images: pd.DataFrame, cfg: CropConfig, out_root: Path, report: Report):
-    """Turn a results file into one job per image, checking every referenced file against the image table."""
+def _ground_truth_boxes(results: dict, by_file: pd.DataFrame, report: Report) -> dict[str, list[dict]]:
+    """Crop rows (without the crop path) for every ground-truth box, by image file."""
     labels = results.get("classification_categories") or {}
-    by_file = images.set_index("file")
-    jobs = []
+    boxes: dict[str, list[dict]] = {}
     for im in results["images"]:
         file = im["file"]
         if file not in by_file.index:
@@ -84,40 +94,123 @@ def _jobs_from_results(results: dict, images: pd.DataFrame, cfg: CropConfig, out
             continue
         safe_relpath(file, "results file entry")
         meta = by_file.loc[file]
-        dets = []
+        dets = boxes.setdefault(file, [])
         for det in im.get("detections") or []:
             cls = det.get("classifications") or []
             if not cls or str(cls[0][0]) not in labels:
                 report.problem("box without a class", file, f"detection {det.get('annotation_id', '?')}")
                 continue
-            x, y, w, h = det["bbox"]
             dets.append(
-                {
-                    "annotation_id": str(det.get("annotation_id") or f"{meta['image_id']}#{len(dets)}"),
-                    "image_id": meta["image_id"],
-                    "file": file,
-                    "label": labels[str(cls[0][0])],
-                    "location": meta["location"],
-                    "box_source": "ground_truth",
-                    "x": x,
-                    "y": y,
-                    "w": w,
-                    "h": h,
-                    "conf": float(det.get("conf", 1.0)),
-                }
+                _row(meta, file, labels[str(cls[0][0])], det, "ground_truth", det.get("annotation_id"), len(dets))
             )
-        if dets:
-            jobs.append(
-                (
-                    Path(cfg.images) / IMAGES_DIR / file,
-                    out_root,
-                    dets,
-                    cfg.crop_size,
-                    cfg.jpeg_quality,
-                    cfg.max_pixels,
-                )
-            )
-    return jobs
+    return boxes
+
+
+def _row(meta, file: str, label: str, det: dict, source: str, annotation_id: str | None, k: int) -> dict:
+    x, y, w, h = det["bbox"]
+    return {
+        "annotation_id": str(annotation_id or f"{meta['image_id']}#{k}"),
+        "image_id": meta["image_id"],
+        "file": file,
+        "label": label,
+        "location": meta["location"],
+        "box_source": source,
+        "x": x,
+        "y": y,
+        "w": w,
+        "h": h,
+        "conf": float(det.get("conf", 1.0)),
+    }
+
+
+def _located(ground_truth: dict[str, list[dict]]) -> set[str]:
+    """Images with a ground-truth box that locates the animal (not only full-frame image-level labels)."""
+    return {
+        file
+        for file, rows in ground_truth.items()
+        if any(not mdformat.is_full_frame([r["x"], r["y"], r["w"], r["h"]]) for r in rows)
+    }
+
+
+def _detector_boxes(
+    detections: dict,
+    ground_truth: dict[str, list[dict]],
+    by_file: pd.DataFrame,
+    threshold: float,
+    report: Report,
+    skip: set[str],
+) -> dict[str, list[dict]]:
+    """Crop rows for every ``animal`` detection at or above ``threshold``, labelled with the image's label.
+
+    The label is the image's one Animl label (from its ground-truth, usually full-frame, boxes); an image with
+    several different labels is ambiguous and skipped. Person and vehicle detections are counted, never cropped.
+    Images in ``skip`` (where ground truth wins) are left out.
+    """
+    boxes: dict[str, list[dict]] = {}
+    excluded: Counter[str] = Counter()
+    for im in detections["images"]:
+        file = im["file"]
+        if im.get("failure") or file not in by_file.index or file in skip:
+            continue  # the detect stage reported a failure; ground truth (if any) stands in
+        safe_relpath(file, "results file entry")
+        labels = sorted({row["label"] for row in ground_truth.get(file, [])})
+        kept = [d for d in im.get("detections") or [] if d["conf"] >= threshold]
+        excluded.update(mdformat.DETECTION_CATEGORIES.get(d["category"], "other") for d in kept)
+        animals = [d for d in kept if d["category"] == mdformat.ANIMAL]
+        if not animals:
+            report.problem("no animal found by the detector", file, f"no animal detection at >= {threshold}")
+            boxes[file] = []
+        elif len(labels) != 1:
+            what = "ambiguous image label" if labels else "no label for detector boxes"
+            report.problem(what, file, f"labels {labels}; {len(animals)} detector boxes not used")
+            boxes[file] = []
+        else:
+            meta = by_file.loc[file]
+            boxes[file] = [
+                _row(meta, file, labels[0], d, "detector", f"{meta['image_id']}#md{k}", k)
+                for k, d in enumerate(animals)
+            ]
+    del excluded["animal"]
+    report.details["detections_not_animal"] = dict(excluded)
+    return boxes
+
+
+def _choose_boxes(
+    ground_truth: dict[str, list[dict]], detector: dict[str, list[dict]], source: str
+) -> dict[str, list[dict]]:
+    """Per image: ground truth where it locates the animal, else the detector's boxes (``source='both'``)."""
+    if source == "ground_truth":
+        return ground_truth
+    if source == "detector":
+        return detector
+    located = _located(ground_truth)
+    return {
+        file: detector[file] if file in detector and file not in located else ground_truth.get(file, [])
+        for file in sorted(set(ground_truth) | set(detector))
+    }
+
+
+def _jobs_from_results(
+    results: dict, detections: dict | None, images: pd.DataFrame, cfg: CropConfig, out_root: Path, report: Report
+):
+    """Turn the box sources into one job per image, checking every referenced file against the image table."""
+    by_file = images.set_index("file")
+    boxes = _ground_truth_boxes(results, by_file, report)
+    if detections is not None and cfg.box_source != "ground_truth":
+        threshold = cfg.detection_threshold or (detections["info"].get("detector_metadata") or {}).get(
+            "typical_detection_threshold", 0.2
+        )
+        report.details["detection_threshold"] = threshold
+        skip = _located(boxes) if cfg.box_source == "both" else set()
+        detected = _detector_boxes(detections, boxes, by_file, threshold, report, skip)
+        boxes = _choose_boxes(boxes, detected, cfg.box_source)
+    elif cfg.box_source == "detector":
+        raise PipelineError("crop: box_source 'detector' needs the detect stage's output (--detections)")
+    return [
+        (Path(cfg.images) / IMAGES_DIR / file, out_root, dets, cfg.crop_size, cfg.jpeg_quality, cfg.max_pixels)
+        for file, dets in boxes.items()
+        if dets
+    ]
 
 
 def run(cfg: CropConfig) -> CropResult:
@@ -125,10 +218,14 @@ def run(cfg: CropConfig) -> CropResult:
     report = Report("crop")
     gt = Path(cfg.ground_truth)
     results = mdformat.read_results(gt / RESULTS_FILE if gt.is_dir() else gt)
+    detections = None
+    if cfg.detections is not None:
+        det = Path(cfg.detections)
+        detections = mdformat.read_results(det / DETECTIONS_FILE if det.is_dir() else det)
     images = tables.read_table(Path(cfg.images) / "images.csv", tables.IMAGES)
     out_root = Path(cfg.out) / CROPS_DIR
     out_root.mkdir(parents=True, exist_ok=True)
-    jobs = _jobs_from_results(results, images, cfg, out_root, report)
+    jobs = _jobs_from_results(results, detections, images, cfg, out_root, report)
 
     rows: list[dict] = []
     failed = 0
@@ -148,7 +245,8 @@ def run(cfg: CropConfig) -> CropResult:
     crops = pd.DataFrame(rows)
     tables.write_table(crops, Path(cfg.out) / "crops.csv", tables.CROPS)
     per_class = dict(sorted(Counter(crops["label"]).items()))
-    report.counts = {"images": len(jobs), "crops": len(crops), "failed_images": failed}
+    report.counts.update(images=len(jobs), crops=len(crops), failed_images=failed)
+    report.details["per_box_source"] = dict(sorted(Counter(crops["box_source"]).items()))
     report.details.update(per_class=per_class, crop_size=cfg.crop_size)
     report.finish(cfg.out)
     log.info("crop: %d crops from %d images (%d unreadable)", len(crops), len(jobs), failed)

@@ -1,4 +1,4 @@
-"""Stage 2, download: fetch every full-size image the export needs.
+"""Stage 2, download: fetch every full-size image the export needs (kept objects, or marked for detection).
 
 Bounded concurrency, retries with backoff on transient errors, skip-if-present-and-same-size (a re-run fetches
 only what is missing), MD5 checked against the object's ETag where S3 gives one, and atomic writes (a killed
@@ -162,10 +162,10 @@ def _fetch_one(source: _Source, row: dict, dest_root: Path, cfg: DownloadConfig)
 
 
 def run(cfg: DownloadConfig) -> DownloadResult:
-    """Download the images of every image with kept objects; write ``images.csv`` and the report."""
+    """Download every image with kept objects or marked for detection; write ``images.csv`` and the report."""
     report = Report("download")
     images = tables.read_table(Path(cfg.export) / "images.csv", tables.IMAGES)
-    wanted = images[images["n_objects"] > 0]
+    wanted = images[(images["n_objects"] > 0) | images["needs_detection"]]
     for f in wanted["file"]:
         safe_relpath(f, "file")  # the export stage checked these; never trust a table blindly
     source = _Source(cfg.images_uri, cfg.workers)
@@ -190,6 +190,7 @@ def run(cfg: DownloadConfig) -> DownloadResult:
     counts = {s: statuses.count(s) for s in ("ok", "present", "missing", "corrupt", "failed")}
     report.counts = {
         "wanted": len(rows),
+        "wanted_for_detection": int(wanted["needs_detection"].sum()),
         "downloaded": counts["ok"],
         "already_present": counts["present"],
         "missing": counts["missing"],

@@ -22,7 +22,7 @@ from typing import Literal
 import pandas as pd
 from pydantic import BaseModel, Field, model_validator
 
-from animl_retrain import animl_api, cct, storage, tables, tracking
+from animl_retrain import animl_api, cct, mdformat, storage, tables, tracking
 from animl_retrain.common import PipelineError, Report, UnsafePathError, log, safe_relpath, write_json
 from animl_retrain.config import StageConfig
 from animl_retrain.labelspec import EMPTY, OTHER, load_label_spec, normalise_name
@@ -153,6 +153,7 @@ def run(cfg: ExportConfig) -> ExportResult:
     kept_per_image = Counter(objects_df["image_id"])
     images_df = pd.DataFrame(images.values())
     images_df["n_objects"] = images_df["image_id"].map(kept_per_image).fillna(0).astype(int)
+    images_df["needs_detection"] = images_df["image_id"].isin(_images_without_located_box(objects, images))
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,6 +174,7 @@ def run(cfg: ExportConfig) -> ExportResult:
     report.counts = {
         "images": len(export.images),
         "images_with_objects": int((images_df["n_objects"] > 0).sum()),
+        "images_needing_detection": int(images_df["needs_detection"].sum()),
         "annotations": len(export.annotations),
         "objects": len(objects_df),
         "classes": len(per_class),
@@ -400,3 +402,22 @@ def _object_rows(
         what = "dropped" if cfg.unmapped == "drop" else f"mapped to '{OTHER}'"
         log.info("export: labels not in the spec, %s: %s", what, dict(unmapped.most_common()))
     return rows
+
+
+def _images_without_located_box(objects: list[dict], images: dict[str, dict]) -> set[str]:
+    """Images whose kept objects are all image-level labels (full-frame boxes): MegaDetector must find the animal.
+
+    Where the export lacks the image size, a box at the top-left corner may be full-frame: the image is listed,
+    and the detect and crop stages decide on the box normalised with the size read from the file.
+    """
+    located: set[str] = set()
+    for obj in objects:
+        img = images[obj["image_id"]]
+        if img.get("width") and img.get("height"):
+            box = mdformat.normalise_box(obj["x"], obj["y"], obj["w"], obj["h"], img["width"], img["height"])
+            is_located = box is not None and not mdformat.is_full_frame(box[0])
+        else:
+            is_located = obj["x"] > 1 or obj["y"] > 1
+        if is_located:
+            located.add(obj["image_id"])
+    return {obj["image_id"] for obj in objects} - located
