@@ -1,7 +1,7 @@
 """The MLflow model registry, read side: find a model version by alias or number and fetch its checkpoint.
 
 The registered pyfunc model (:mod:`animl_retrain.mlflow_model`) carries the training checkpoint as its
-``checkpoint`` artifact (``artifacts/model.pt`` in the model's files); the checkpoint holds the architecture,
+``checkpoint`` artifact (the model's ``MLmodel`` file says where); the checkpoint holds the architecture,
 the label index and the preprocessing, so it is all a deployment or a local prediction needs.
 """
 
@@ -17,8 +17,6 @@ from animl_retrain import tracking
 from animl_retrain.common import PipelineError, write_json
 from animl_retrain.models import load_checkpoint
 from animl_retrain.serving import MODEL_FILES, PREPROCESSING_FILE
-
-CHECKPOINT_ARTIFACT = "artifacts/model.pt"
 
 
 def resolve_version(name: str, alias: str = "", version: str = ""):
@@ -44,17 +42,28 @@ def aliases_of(version) -> list[str]:
     return sorted(getattr(version, "aliases", None) or [])
 
 
+def _checkpoint_path(model_dir: Path) -> str:
+    """Where the pyfunc model keeps its ``checkpoint`` artifact, as its ``MLmodel`` file records it."""
+    import yaml
+
+    try:
+        flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
+        return flavor["artifacts"]["checkpoint"]["path"]
+    except (OSError, KeyError, TypeError) as e:
+        raise PipelineError(
+            f"{model_dir.name}: not a model registered by this pipeline (no checkpoint artifact)"
+        ) from e
+
+
 def download_checkpoint(name: str, version: str, dest: Path) -> Path:
     """Download the training checkpoint of a registered model version to ``dest``."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="animl-pull-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
-        source = local / CHECKPOINT_ARTIFACT
+        source = local / _checkpoint_path(local)
         if not source.is_file():
-            raise PipelineError(
-                f"models:/{name}/{version} has no {CHECKPOINT_ARTIFACT}; was it registered by this pipeline?"
-            )
+            raise PipelineError(f"models:/{name}/{version} has no checkpoint file; was it registered by this pipeline?")
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, dest)
     load_checkpoint(dest)  # refuses anything that is not one of our checkpoints
