@@ -9,6 +9,7 @@ from pathlib import Path
 
 from animl_retrain.components.cct_to_md import cct_to_md_op
 from animl_retrain.components.crop import crop_op
+from animl_retrain.components.deploy import deploy_op
 from animl_retrain.components.download import download_op
 from animl_retrain.components.evaluate import evaluate_op
 from animl_retrain.components.export import export_op
@@ -43,6 +44,15 @@ def retrain_pipeline(
     balance: str = "loss",
     patience: int = 5,
     experiment: str = "animl-classifier",
+    deploy: bool = False,
+    deploy_version: str = "",
+    deploy_dry_run: bool = False,
+    animl_model_id: str = "",
+    animl_stage: str = "dev",
+    model_bucket: str = "",
+    serving_image: str = "",
+    sagemaker_role_arn: str = "",
+    max_concurrency: int = 5,
 ):
     """Animl's classifier retraining pipeline.
 
@@ -67,6 +77,15 @@ def retrain_pipeline(
         balance: class imbalance treatment: 'loss', 'sampler' or 'none'.
         patience: early-stopping patience in epochs.
         experiment: MLflow experiment name.
+        deploy: after registration, deploy the champion to SageMaker for Animl (only if this run's model is it).
+        deploy_version: deploy this registered version instead, champion or not.
+        deploy_dry_run: export, check and package, and report what would change in AWS, changing nothing.
+        animl_model_id: the model's _id in Animl (default: model_name).
+        animl_stage: Animl deployment stage, as in its SSM parameter names.
+        model_bucket: s3://bucket[/prefix] for the model package.
+        serving_image: TorchServe CPU image with the torch version that traced the model.
+        sagemaker_role_arn: SageMaker execution role.
+        max_concurrency: serverless endpoint max concurrency.
     """
     export = export_op(
         source=export_uri, label_spec=label_spec, unmapped=unmapped_labels, only_validated=only_validated
@@ -109,13 +128,28 @@ def retrain_pipeline(
         split=split.outputs["split"],
         registered_name=model_name,
     ).set_display_name("evaluate")
-    register_op(
+    registration = register_op(
         model=model.outputs["model"],
         evaluation=evaluation.outputs["evaluation"],
         export=export.outputs["export"],
         name=model_name,
         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_display_name("register")
+    with dsl.If(deploy == True, name="deploy-enabled"):  # noqa: E712 (a KFP condition, not a Python comparison)
+        deploy_op(
+            registration=registration.outputs["registration"],
+            evaluation=evaluation.outputs["evaluation"],
+            crops=crops.outputs["crops"],
+            name=model_name,
+            version=deploy_version,
+            animl_model_id=animl_model_id,
+            stage=animl_stage,
+            model_bucket=model_bucket,
+            serving_image=serving_image,
+            role_arn=sagemaker_role_arn,
+            max_concurrency=max_concurrency,
+            dry_run=deploy_dry_run,
+        ).set_display_name("deploy").set_caching_options(False)
 
 
 def compile_pipeline(path: Path = COMPILED) -> Path:
