@@ -204,6 +204,12 @@ def test_names_follow_sagemaker_and_animl_rules():
         ({"rodent": {"threshold": 0.5}, "skunk": 0.4}, 0.8, {"rodent": 0.5, "skunk": 0.4}),
         ({"default": 1.5, "thresholds": {"fox": -1}}, 0.8, {}),
         ([1, 2, 3], 0.8, {}),
+        (
+            {"thresholds": {"rodent": 0.62}, "per_class": {"rodent": {"threshold": 0.62, "met": True}}},
+            0.8,
+            {"rodent": 0.62},
+        ),
+        ({"per_class": {"rodent": {"threshold": 0.99, "met": False}}}, 0.8, {}),
     ],
 )
 def test_operating_points_are_read_tolerantly(tmp_path, content, default, per_class):
@@ -218,6 +224,8 @@ def test_operating_points_from_metrics_or_tags_else_the_default(tmp_path):
     assert mlmodel.read_operating_points(None, {"default_conf_threshold": "0.75"}, LABELS)[0] == 0.75
     tags = {"operating_points": json.dumps({"per_class": {"fox": 0.9}})}
     assert mlmodel.read_operating_points(None, tags, LABELS)[:2] == (0.8, {"fox": 0.9})
+    tags = {"invasive_thresholds": json.dumps({"rodent": 0.7})}
+    assert mlmodel.read_operating_points(None, tags, LABELS)[:2] == (0.8, {"rodent": 0.7})
     (tmp_path / "metrics.json").write_text("{broken")
     default, per_class, source = mlmodel.read_operating_points(tmp_path, {"operating_points": "{broken"}, LABELS)
     assert (default, per_class) == (0.8, {}) and "default 0.8" in source

@@ -3,8 +3,10 @@
 Ours is the pipeline's default model (EfficientNet-B0 at 224 px); the baseline is shaped like TNC's MIRAv2
 (EfficientNet-B3 at 300 px, TorchScript). Weights are random (latency does not depend on them). Every request
 goes through the whole handler: JSON parse, base64 decode, JPEG decode, square crop, resize, normalise,
-forward pass, softmax, response dict. Inference is limited to 2 threads, as on a small serverless worker, and
-the three variants take turns request by request so that the shared machine's load hits them alike.
+forward pass, softmax, response dict. Each variant runs with 2 inference threads (as on a small serverless
+worker, and as asked) and with 1; all six take turns request by request so that the shared machine's load hits
+them alike. On a loaded shared machine torch's OpenMP pool with 2 threads on 2 busy cores can be several times
+slower than with 1 (threads spin at barriers while the other core is taken); ONNX Runtime suffers less.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from animl_retrain.models import build_model, save_checkpoint
 from animl_retrain.preprocessing import Preprocessing
 
 STAGE = "serve"
-THREADS = 2
+THREADS = (2, 1)
 LABELS = ["bird", "fox", "lizard", "rodent", "skunk"]
 BASELINE = "MIRAv2-like EfficientNet-B3 @300 px, TorchScript"
 
@@ -62,10 +64,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run(ctx):
-    """p50/p95 handler latency of three variants, interleaved request by request."""
+    """p50/p95 handler latency of three models/backends at 2 and 1 threads, interleaved request by request."""
     import torch
 
-    torch.set_num_threads(THREADS)
     frames, frames_text = _frames(ctx)
     check = ctx.work / "check"
     check.mkdir(parents=True, exist_ok=True)
@@ -74,57 +75,57 @@ def run(ctx):
     images = sorted(check.glob("*.jpg"))
     ours = _model_folder(ctx, "efficientnet_b0", 224, images)
     mira = _model_folder(ctx, "efficientnet_b3", 300, images)
-    handlers = {
-        "ours-torchscript": serving.AnimlHandler(serving.load_classifier(ours, "torchscript", THREADS)),
-        "ours-onnx": serving.AnimlHandler(serving.load_classifier(ours, "onnx", THREADS)),
-        "baseline": serving.AnimlHandler(serving.load_classifier(mira, "torchscript", THREADS)),
-    }
+    variants = {}  # (name, threads) -> handler
+    for threads in THREADS:
+        variants["ours-torchscript", threads] = serving.AnimlHandler(serving.load_classifier(ours, "torchscript"))
+        variants["ours-onnx", threads] = serving.AnimlHandler(serving.load_classifier(ours, "onnx", threads))
+        variants["baseline", threads] = serving.AnimlHandler(serving.load_classifier(mira, "torchscript"))
     rng = np.random.default_rng(1)
     requests = []
-    for i in range(8 if ctx.quick else 60):
+    for i in range(8 if ctx.quick else 40):
         y, x = rng.uniform(0, 0.6, 2)
         box = [y, x, y + rng.uniform(0.1, 0.4), x + rng.uniform(0.1, 0.4)]
         image = base64.b64encode(frames[i % len(frames)]).decode()
         requests.append(json.dumps({"image": image, "bbox": [round(v, 4) for v in box]}).encode())
-    for handler in handlers.values():  # warm-up
-        for body in requests[:3]:
-            handler.predict(body)
-    times: dict[str, list[float]] = {name: [] for name in handlers}
-    for body in requests:
-        for name, handler in handlers.items():
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in variants}
+    for n, body in enumerate(requests[:3] + requests):  # the first three rounds warm up, untimed
+        for (name, threads), handler in variants.items():
+            torch.set_num_threads(threads)
             start = time.perf_counter()
             handler.predict(body)
-            times[name].append((time.perf_counter() - start) * 1000)
+            if n >= 3:
+                times[name, threads].append((time.perf_counter() - start) * 1000)
 
     size_mb = {p.name: (p / "model.torchscript.pt").stat().st_size / 1e6 for p in (ours, mira)}
-    text = f"{len(requests)} requests each, {frames_text}, {THREADS} threads; ours = EfficientNet-B0 @224 px"
     rows = []
-    for backend, key in (("TorchScript", "ours-torchscript"), ("ONNX Runtime", "ours-onnx")):
-        for q in (50, 95):
-            rows.append(
-                ctx.row(
-                    stage=STAGE,
-                    metric=f"handler latency p{q}, {backend}",
-                    unit="ms",
-                    ours=_percentile(times[key], q),
-                    alternative=BASELINE,
-                    alternative_value=_percentile(times["baseline"], q),
-                    higher_is_better=False,
-                    input=text,
+    for threads in THREADS:
+        text = f"{len(requests)} requests each, {frames_text}, {threads} thread(s); ours = EfficientNet-B0 @224 px"
+        for backend, key in (("TorchScript", "ours-torchscript"), ("ONNX Runtime", "ours-onnx")):
+            for q in (50, 95):
+                rows.append(
+                    ctx.row(
+                        stage=STAGE,
+                        metric=f"handler latency p{q}, {backend}, {threads} thread(s)",
+                        unit="ms",
+                        ours=_percentile(times[key, threads], q),
+                        alternative=BASELINE,
+                        alternative_value=_percentile(times["baseline", threads], q),
+                        higher_is_better=False,
+                        input=text,
+                    )
                 )
+        rows.append(
+            ctx.row(
+                stage=STAGE,
+                metric=f"ONNX Runtime vs TorchScript, p50, {threads} thread(s), same model",
+                unit="ms",
+                ours=statistics.median(times["ours-onnx", threads]),
+                alternative="our model, TorchScript",
+                alternative_value=statistics.median(times["ours-torchscript", threads]),
+                higher_is_better=False,
+                input=text,
             )
-    rows.append(
-        ctx.row(
-            stage=STAGE,
-            metric="ONNX Runtime vs TorchScript, p50 (same model)",
-            unit="ms",
-            ours=statistics.median(times["ours-onnx"]),
-            alternative="our model, TorchScript",
-            alternative_value=statistics.median(times["ours-torchscript"]),
-            higher_is_better=False,
-            input=text,
         )
-    )
     rows.append(
         ctx.row(
             stage=STAGE,

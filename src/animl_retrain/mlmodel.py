@@ -24,6 +24,7 @@ from typing import Any
 from animl_retrain.common import log
 
 DEFAULT_THRESHOLD = 0.8
+THRESHOLDS_FILE = "thresholds.json"  # what the evaluate stage writes (per invasive class)
 OPERATING_POINTS_FILE = "operating_points.json"
 # Radix colours at step 9, as Animl's own MLModel records use them.
 PALETTE = (
@@ -67,7 +68,9 @@ def _per_class(data: Any, labels: list[str]) -> dict[str, float]:
     out = {}
     for label, value in data.items():
         t = _threshold(value)
-        if label in labels and t is not None:
+        if isinstance(value, dict) and value.get("met") is False:
+            log.warning("operating point of %r does not meet its target precision; using the default", label)
+        elif label in labels and t is not None:
             out[label] = t
     return out
 
@@ -90,21 +93,25 @@ def read_operating_points(
 ) -> tuple[float, dict[str, float], str]:
     """The default threshold, per-class thresholds and where they came from.
 
-    Looked for, in order: ``operating_points.json`` in the evaluation folder; an ``operating_points`` key in its
-    ``metrics.json``; the model version's ``operating_points`` tag (JSON) or ``default_conf_threshold`` tag.
+    Looked for, in order: ``thresholds.json`` (the evaluate stage's per-invasive-class thresholds) and
+    ``operating_points.json`` in the evaluation folder; an ``operating_points`` key in its ``metrics.json``; the
+    ``operating_points`` or ``invasive_thresholds`` tag (JSON) or the ``default_conf_threshold`` tag.
     Accepted shapes: a default under ``defaultConfThreshold``/``default_threshold``/``default``/``threshold``;
     per-class thresholds under ``per_class``/``classes``/``thresholds``/``invasive`` as ``{label: x}``,
     ``{label: {"threshold": x}}`` or a list of ``{"label": ..., "threshold": ...}``. Values outside (0, 1] and
-    labels the model does not have are ignored (and logged); nothing found means :data:`DEFAULT_THRESHOLD`.
+    labels the model does not have, and points marked ``"met": false``, are ignored (and logged); with no default
+    found, the default is :data:`DEFAULT_THRESHOLD` (per-class thresholds go to the automation rule's
+    ``categoryConfig``, not to the model-wide default).
     """
     candidates: list[tuple[str, Any]] = []
     if evaluation is not None:
-        path = Path(evaluation) / OPERATING_POINTS_FILE
-        if path.is_file():
-            try:
-                candidates.append((str(path), json.loads(path.read_text())))
-            except json.JSONDecodeError as e:
-                log.warning("ignoring %s: not JSON (%s)", path, e)
+        for name in (THRESHOLDS_FILE, OPERATING_POINTS_FILE):
+            path = Path(evaluation) / name
+            if path.is_file():
+                try:
+                    candidates.append((str(path), json.loads(path.read_text())))
+                except json.JSONDecodeError as e:
+                    log.warning("ignoring %s: not JSON (%s)", path, e)
         metrics = Path(evaluation) / "metrics.json"
         if metrics.is_file():
             try:
@@ -113,11 +120,12 @@ def read_operating_points(
                     candidates.append((f"{metrics}:operating_points", data["operating_points"]))
             except json.JSONDecodeError as e:
                 log.warning("ignoring %s: not JSON (%s)", metrics, e)
-    if "operating_points" in tags:
-        try:
-            candidates.append(("model version tag operating_points", json.loads(tags["operating_points"])))
-        except json.JSONDecodeError as e:
-            log.warning("ignoring the operating_points tag: not JSON (%s)", e)
+    for tag in ("operating_points", "invasive_thresholds"):
+        if tag in tags:
+            try:
+                candidates.append((f"tag {tag}", json.loads(tags[tag])))
+            except json.JSONDecodeError as e:
+                log.warning("ignoring the %s tag: not JSON (%s)", tag, e)
     raw = tags.get("default_conf_threshold")
     if raw is not None:
         try:

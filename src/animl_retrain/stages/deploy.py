@@ -100,6 +100,18 @@ def _target_version(cfg: DeployConfig):
     return mv, f"this run's version {ours} holds '{cfg.alias}'"
 
 
+def _tags(mv) -> dict[str, str]:
+    """The model version's tags over its training run's (where evaluate records thresholds)."""
+    import mlflow
+
+    try:
+        run_tags = dict(mlflow.get_run(mv.run_id).data.tags) if mv.run_id else {}
+    except Exception as e:  # thresholds are optional; a missing run must not stop a deployment
+        log.warning("deploy: cannot read the tags of run %s: %s", mv.run_id, e)
+        run_tags = {}
+    return run_tags | dict(mv.tags)
+
+
 def _markdown(result: DeployResult) -> str:
     lines = [f"# Deployment of `{result.name}` version {result.version or '-'}", "", result.reason + ".", ""]
     if result.parity_max_abs_diff:
@@ -147,7 +159,7 @@ def run(cfg: DeployConfig) -> DeployResult:
     tarball = packaging.build_model_tar(mar, out / "model.tar.gz")
 
     labels = read_labels(package)
-    default, per_class, source = mlmodel.read_operating_points(cfg.evaluation, dict(mv.tags), labels)
+    default, per_class, source = mlmodel.read_operating_points(cfg.evaluation, _tags(mv), labels)
     description = cfg.description or f"{cfg.name} version {version}, retrained from validated Animl labels"
     record = mlmodel.record(model_id, f"v{version}", description, labels, default)
     write_json(out / MLMODEL_FILE, record)

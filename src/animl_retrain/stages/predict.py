@@ -58,7 +58,10 @@ def run(cfg: PredictConfig) -> PredictResult:
     """Classify, then write ``classified_results.json`` and ``report.json`` into ``cfg.out``."""
     report = Report("predict")
     results = mdformat.read_results(cfg.detections)
-    classifier = load_classifier(cfg.model, cfg.backend)
+    try:
+        classifier = load_classifier(cfg.model, cfg.backend)
+    except (FileNotFoundError, ValueError) as e:
+        raise PipelineError(f"predict: {e}") from e
     labels = classifier.labels
     wanted = {str(c) for c in cfg.categories}
     pending: list[tuple[dict, object]] = []  # (detection, crop)
@@ -79,7 +82,11 @@ def run(cfg: PredictConfig) -> PredictResult:
             if det.pop("classifications", None) is not None:
                 stale += 1
         dets = [
-            d for d in detections if str(d.get("category")) in wanted and d.get("conf", 0) >= cfg.detection_threshold
+            d
+            for d in detections
+            if str(d.get("category")) in wanted
+            and isinstance(d.get("conf"), int | float)
+            and d["conf"] >= cfg.detection_threshold
         ]
         if not dets or im.get("failure"):
             continue
