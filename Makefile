@@ -10,11 +10,11 @@ export ANIML_STATE_DIR ?= $(CURDIR)/.state
 .DEFAULT_GOAL := help
 .PHONY: help venv run stop clean test test-fast lint format compile lock images
 
-# Container images (docker/): $(IMAGE_REGISTRY)/animl-retrain-{cpu,ml,mlflow}:$(IMAGE_TAG). Export the same two
+# Container images (docker/): $(IMAGE_REGISTRY)/animl-retrain-{cpu,ml,mlflow,serving}:$(IMAGE_TAG). Export the same two
 # variables when you run `animl-retrain submit/schedule`, so the pipeline names the images you pushed.
 IMAGE_REGISTRY ?= ghcr.io/animl-retrain
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-IMAGES := cpu ml mlflow
+IMAGES := cpu ml mlflow serving
 DOCKER ?= docker
 DOCKER_PLATFORM ?= linux/amd64
 

@@ -38,6 +38,10 @@ SETTINGS_CONFIGMAP = "animl-retrain"  # AWS_ENDPOINT_URL_S3 (not on AWS), AWS_DE
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MLFLOW_URI_KEY = "MLFLOW_TRACKING_URI"
 MLFLOW_AUTH_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+# Animl's AWS account for deploy (SageMaker, SSM, the model bucket); absent with IRSA. No S3 endpoint override:
+# the model bucket is on AWS even where the pipeline's own data sits in SeaweedFS.
+AWS_DEPLOY_SECRET = "animl-aws-deploy"
+AWS_DEPLOY_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 SETTINGS_KEYS = ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -63,6 +67,7 @@ class Profile:
     s3: bool = False  # reads user buckets (export, images, initial weights)
     mlflow: bool = False  # talks to the tracking server
     animl: bool = False  # logs in to Animl's API (export from 'animl-api')
+    aws: bool = False  # calls AWS itself (SageMaker, SSM, the model bucket): deploy
     retry: bool = False
     cache: bool = True
 
@@ -78,6 +83,7 @@ PROFILES = {
     "train": Profile(cpu="4", memory="24Gi", gpu=True, s3=True, mlflow=True, cache=False),
     "evaluate": Profile(cpu="2", memory="8Gi", mlflow=True, cache=False),
     "register": Profile(cpu="1", memory="4Gi", mlflow=True, retry=True, cache=False),
+    "deploy": Profile(cpu="2", memory="6Gi", mlflow=True, aws=True, cache=False),
     "status": Profile(cpu="250m", memory="1Gi", mlflow=True, cache=False),
 }
 
@@ -120,6 +126,8 @@ def stage(name: str, task: dsl.PipelineTask, gpus: int | dsl.PipelineChannel = 1
     if profile.mlflow:
         kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {MLFLOW_URI_KEY: MLFLOW_URI_KEY})
         kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {k: k for k in MLFLOW_AUTH_KEYS}, optional=True)
+    if profile.aws:
+        kubernetes.use_secret_as_env(task, AWS_DEPLOY_SECRET, {k: k for k in AWS_DEPLOY_KEYS}, optional=True)
     if profile.animl:
         kubernetes.use_secret_as_env(task, ANIML_SECRET, ANIML_KEYS, optional=True)
     if profile.retry:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from animl_retrain.components.cct_to_md import cct_to_md_op
 from animl_retrain.components.crop import crop_op
+from animl_retrain.components.deploy import deploy_op
 from animl_retrain.components.detect import detect_op
 from animl_retrain.components.download import download_op
 from animl_retrain.components.evaluate import evaluate_op
@@ -62,6 +63,15 @@ def retrain_pipeline(
     animl_timezone: str = "UTC",
     export_archive: str = "",
     incremental: bool = False,
+    deploy: bool = False,
+    deploy_version: str = "",
+    deploy_dry_run: bool = False,
+    animl_model_id: str = "",
+    animl_stage: str = "dev",
+    model_bucket: str = "",
+    serving_image: str = "",
+    sagemaker_role_arn: str = "",
+    max_concurrency: int = 5,
 ):
     """Animl's classifier retraining pipeline.
 
@@ -102,6 +112,15 @@ def retrain_pipeline(
         animl_timezone: time zone of the dates in the export.
         export_archive: s3://bucket/prefix where every export pulled from Animl is kept under a dated key.
         incremental: skip training when no validated annotation changed since the champion's export.
+        deploy: after registration, deploy the champion to SageMaker for Animl (only if this run's model is it).
+        deploy_version: deploy this registered version instead, champion or not.
+        deploy_dry_run: export, check and package, and report what would change in AWS, changing nothing.
+        animl_model_id: the model's _id in Animl (default: model_name).
+        animl_stage: Animl deployment stage, as in its SSM parameter names.
+        model_bucket: s3://bucket[/prefix] for the model package.
+        serving_image: TorchServe CPU image with the torch version that traced the model.
+        sagemaker_role_arn: SageMaker execution role.
+        max_concurrency: serverless endpoint max concurrency.
     """
     # The exit handler runs after every step in the block, whether they succeeded or not (locally too).
     status = stage("status", record_status_op(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment))
@@ -193,7 +212,7 @@ def retrain_pipeline(
                     registered_name=model_name,
                 ),
             )
-            stage(
+            registration = stage(
                 "register",
                 register_op(
                     model=model.outputs["model"],
@@ -203,6 +222,25 @@ def retrain_pipeline(
                     kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 ),
             )
+            # Deployment is opt-in; the stage itself deploys only the champion (or the version named).
+            with dsl.If(deploy == True, name="deploy-enabled"):  # noqa: E712 (a KFP condition, not Python)
+                stage(
+                    "deploy",
+                    deploy_op(
+                        registration=registration.outputs["registration"],
+                        evaluation=evaluation.outputs["evaluation"],
+                        crops=crops.outputs["crops"],
+                        name=model_name,
+                        version=deploy_version,
+                        animl_model_id=animl_model_id,
+                        stage=animl_stage,
+                        model_bucket=model_bucket,
+                        serving_image=serving_image,
+                        role_arn=sagemaker_role_arn,
+                        max_concurrency=max_concurrency,
+                        dry_run=deploy_dry_run,
+                    ),
+                )
 
 
 def compile_pipeline(path: Path = COMPILED) -> Path:

@@ -26,9 +26,10 @@ STAGE_TASKS = {
     "train-op": "train",
     "evaluate-op": "evaluate",
     "register-op": "register",
+    "deploy-op": "deploy",
 }
-# Tasks that are sub-DAGs, not containers: the exit handler's body and the incremental-mode condition.
-DAG_TASKS = {"exit-handler-1", "condition-2"}
+# Tasks that are sub-DAGs, not containers: the exit handler's body, the incremental-mode and the deploy condition.
+DAG_TASKS = {"exit-handler-1", "condition-2", "condition-3"}
 COMPILE_ENV = ("IMAGE_REGISTRY", "IMAGE_TAG", "GPU_NODE_SELECTOR", "GPU_TOLERATION")
 
 
@@ -140,7 +141,7 @@ def test_secrets_come_from_kubernetes_secrets_by_name_only(tmp_path):
 
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     secret_names = {s["secretName"] for e in executors.values() for s in e.get("secretAsEnv", [])}
-    assert secret_names == {k8s.S3_SECRET, k8s.MLFLOW_SECRET, k8s.ANIML_SECRET}
+    assert secret_names == {k8s.S3_SECRET, k8s.MLFLOW_SECRET, k8s.ANIML_SECRET, k8s.AWS_DEPLOY_SECRET}
     env_by_executor = {
         name: {m["envVar"]: s["secretName"] for s in e.get("secretAsEnv", []) for m in s["keyToEnv"]}
         for name, e in executors.items()
@@ -175,6 +176,7 @@ def test_caching_is_off_where_a_cached_result_would_be_wrong(spec):
         "train-op",
         "evaluate-op",
         "register-op",
+        "deploy-op",
         "record-status-op",
     }
 
@@ -190,7 +192,8 @@ def test_exit_handler_runs_after_every_stage_whatever_happened(spec):
     assert exit_task.inputs.parameters["status"].task_final_status.producer_task == "exit-handler-1"
     body = dict(spec.components[root["exit-handler-1"].component_ref.name].dag.tasks)
     body.update(spec.components[body["condition-2"].component_ref.name].dag.tasks)  # everything after export
-    assert set(body) == set(STAGE_TASKS) | {"condition-2"}
+    body.update(spec.components[body["condition-3"].component_ref.name].dag.tasks)  # deploy, when asked for
+    assert set(body) == set(STAGE_TASKS) | {"condition-2", "condition-3"}
 
 
 def test_display_names_match_the_stage_names(spec):

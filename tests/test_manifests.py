@@ -120,6 +120,7 @@ def test_secret_templates_hold_no_values():
     assert templates[k8s.MLFLOW_SECRET][k8s.MLFLOW_URI_KEY] == "http://mlflow.kubeflow.svc.cluster.local:5000"
     assert set(templates["mlflow-db"]) == {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
     assert set(templates[k8s.ANIML_SECRET]) == set(k8s.ANIML_KEYS)
+    assert set(templates[k8s.AWS_DEPLOY_SECRET]) == set(k8s.AWS_DEPLOY_KEYS)
     assert not any(templates[k8s.ANIML_SECRET].values())
 
 

@@ -29,6 +29,9 @@ def test_compiles_to_kfp_ir(tmp_path):
     docs = list(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
     spec = json_format.ParseDict(docs[0], pipeline_spec_pb2.PipelineSpec())
     assert {f"{s}-op" for s in STAGES} <= all_tasks(spec)
+    deploy = spec.components["comp-condition-3"].dag.tasks["deploy-op"]
+    assert not deploy.caching_options.enable_cache  # a deployment must never be skipped as "cached"
+    assert "deploy" in spec.components["comp-condition-2"].dag.tasks["condition-3"].trigger_policy.condition
     assert set(spec.root.input_definitions.parameters) >= {"export_uri", "images_uri", "label_spec", "model_name"}
     for name, executor in spec.deployment_spec["executors"].items():
         command = " ".join(executor["container"]["command"])
@@ -52,6 +55,7 @@ def test_committed_yaml_matches_the_code(tmp_path):
 @pytest.mark.pipeline
 def test_whole_pipeline_locally_then_load_the_champion(servers, tmp_path, monkeypatch):
     from animl_retrain.storage import s3_client
+    from tests.serving_support import moto_server
 
     client = s3_client()
     for b in ("it-images", "it-exports"):
@@ -76,10 +80,17 @@ def test_whole_pipeline_locally_then_load_the_champion(servers, tmp_path, monkey
         "batch_size": 16,
         "split_trials": 500,
         "min_locs": 2,
+        "deploy": True,
+        "deploy_dry_run": True,
     }
-    summary = run_local(params, tmp_path / "root")
+    with moto_server() as aws:  # the deploy step's dry run reads SageMaker and SSM: moto, never AWS
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER", aws)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SSM", aws)
+        summary = run_local(params, tmp_path / "root")
 
-    assert list(summary["stages"]) == STAGES
+    assert list(summary["stages"]) == [*STAGES, "deploy"]
+    deploy = summary["stages"]["deploy"]
+    assert deploy["dry_run"] and deploy["version"] == "1" and deploy["problem_counts"] == {}
     assert summary["stages"]["register"]["promoted"] is True
     text = format_summary(summary, servers.mlflow_uri)
     assert "it-model version 1" in text and servers.mlflow_uri in text and "macro-F1" in text

@@ -28,6 +28,9 @@ STAGES = {
     "train": ("train", "TrainConfig", "train the classifier, logging to MLflow"),
     "evaluate": ("evaluate", "EvaluateConfig", "score the model (and the champion) on the test split"),
     "register": ("register", "RegisterConfig", "register the model in MLflow; move 'champion' if it wins"),
+    "deploy": ("deploy", "DeployConfig", "export, check and package the champion; deploy it to SageMaker for Animl"),
+    "pull-model": ("pull_model", "PullModelConfig", "fetch a registered model from MLflow into a folder"),
+    "predict": ("predict", "PredictConfig", "classify the detections of a MegaDetector results file"),
 }
 
 DEMO_BUCKETS = {"images": "animl-images-serving-demo", "exports": "animl-demo-exports"}
@@ -186,6 +189,25 @@ def _add_kubeflow_arguments(p: argparse.ArgumentParser, params: bool = True) -> 
     p.set_defaults(func=cmd_kubeflow)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model folder over HTTP the way Animl calls a classifier, until interrupted."""
+    from animl_retrain.serving import AnimlHandler, AnimlHTTPServer, load_classifier
+
+    try:
+        classifier = load_classifier(args.model, args.backend, args.threads)
+    except (FileNotFoundError, ValueError) as e:
+        raise PipelineError(f"serve: {e}") from e
+    server = AnimlHTTPServer(AnimlHandler(classifier), args.host, args.port, args.max_request_bytes)
+    print(f"serving {args.model} ({args.backend}) on {server.url}: POST /invocations, GET /ping", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -254,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write it even if an export is already there")
     p.add_argument("--state-dir", type=Path, help=state_help)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve a model folder over HTTP the way Animl calls classifiers")
+    p.add_argument("--model", type=Path, required=True, help="model folder (pull-model output or a deploy package)")
+    p.add_argument("--backend", choices=["pytorch", "torchscript", "onnx"], default="pytorch", help="how to run it")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for inference (default: all)")
+    p.add_argument("--max-request-bytes", type=int, default=0, help="largest request body (default: 16 MiB)")
+    p.set_defaults(func=cmd_serve)
 
     for name, (module_name, config_name, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=_stage_module(module_name).__doc__.split("\n\n")[0])

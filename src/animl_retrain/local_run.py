@@ -28,6 +28,7 @@ STAGE_OUTPUTS = {
     "train-op": "model",
     "evaluate-op": "evaluation",
     "register-op": "registration",
+    "deploy-op": "deployment",
 }
 
 
