@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -73,31 +74,44 @@ def machine() -> dict:
     return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu or "no GPU"}
 
 
-def timed(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time in seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+def _once(fn: Callable[[], object], setup: Callable[[], object] | None) -> float:
+    if setup is not None:
+        setup()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def timed(
+    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, setup: Callable[[], object] | None = None
+) -> float:
+    """Median wall time in seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls.
+
+    ``setup`` (untimed) runs before every call: clearing an output folder, say.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        _once(fn, setup)
+    return statistics.median(_once(fn, setup) for _ in range(repeats))
 
 
 def timed_pair(
-    ours: Callable[[], object], theirs: Callable[[], object], repeats: int = 5, warmup: int = 1
+    ours: Callable[[], object],
+    theirs: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    setup: Callable[[], object] | None = None,
 ) -> tuple[float, float]:
-    """Median seconds of two alternatives, interleaved run by run so that load hits both alike."""
+    """Median seconds of two alternatives, interleaved run by run so that load hits both alike.
+
+    ``setup`` (untimed) runs before every call of either.
+    """
     for _ in range(warmup):
-        ours()
-        theirs()
+        _once(ours, setup)
+        _once(theirs, setup)
     a, b = [], []
     for _ in range(repeats):
-        for fn, sink in ((ours, a), (theirs, b)):
-            start = time.perf_counter()
-            fn()
-            sink.append(time.perf_counter() - start)
+        a.append(_once(ours, setup))
+        b.append(_once(theirs, setup))
     return statistics.median(a), statistics.median(b)
 
 
@@ -121,6 +135,31 @@ class Context:
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         return proc
+
+    def venv(self, name: str, requirements: list[str], no_deps: list[str] = ()) -> Path:
+        """A throwaway virtualenv for an alternative tool, under the scratch folder; returns its ``bin`` folder.
+
+        The alternative's packages never enter the project's environment. The folder is reused when it already
+        holds exactly these requirements (a ``--work`` folder kept between runs).
+        """
+        root = self.work / f"venv-{name}"
+        stamp = root / "bench-requirements.txt"
+        wanted = "\n".join([*requirements, "--no-deps", *no_deps]) + "\n"
+        if stamp.is_file() and stamp.read_text() == wanted:
+            return root / "bin"
+        print(f"   installing {', '.join([*no_deps, *requirements])} into {root}", file=sys.stderr, flush=True)
+        self.run(sys.executable, "-m", "venv", "--clear", str(root))
+        pip = [str(root / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        if no_deps:
+            self.run(*pip, "--no-deps", *no_deps)
+        if requirements:
+            self.run(*pip, *requirements)
+        stamp.write_text(wanted)
+        return root / "bin"
+
+    def note(self, message: str) -> None:
+        """Progress on stderr (the table goes to stdout)."""
+        print(f"   {message}", file=sys.stderr, flush=True)
 
 
 def write_results(rows: list[Row], stages_run: list[str], mach: dict) -> tuple[Path, Path]:

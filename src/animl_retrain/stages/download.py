@@ -2,9 +2,11 @@
 
 Bounded concurrency, retries with backoff on transient errors, skip-if-present-and-same-size (a re-run fetches
 only what is missing), MD5 checked against the object's ETag where S3 gives one, and atomic writes (a killed
-run never leaves a half-written file under its final name). Missing objects and undecodable images are listed
-in ``report.json`` and skipped; the stage fails above ``max_missing_fraction`` or when objects could not be
-fetched at all (a dead endpoint), so that nothing is lost silently. ``images.csv`` lists the images on disk.
+run never leaves a half-written file under its final name). Each image is checked to be whole without decoding
+it (:func:`animl_retrain.images.verify_image`; the crop stage decodes it anyway). Missing objects and truncated or
+undecodable images are listed in ``report.json`` and skipped; the stage fails above ``max_missing_fraction`` or
+when objects could not be fetched at all (a dead endpoint), so that nothing is lost silently. ``images.csv``
+lists the images on disk.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class DownloadConfig(StageConfig):
     workers: int = Field(16, ge=1, le=256, description="concurrent downloads")
     retries: int = Field(5, ge=0, le=20, description="retries per object on transient errors, with backoff")
     max_missing_fraction: float = Field(0.05, ge=0, le=1, description="fail if more images than this are missing")
-    verify: bool = Field(True, description="decode each image to check it is whole")
+    verify: bool = Field(True, description="check each image is whole (header, pixel ceiling, JPEG end marker)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="refuse images with more pixels than this")
 
 
