@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export ANIML_STATE_DIR ?= $(CURDIR)/.state
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run stop clean test test-fast lint format compile lock
+.PHONY: help venv run stop clean test test-fast lint format compile lock bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ lint: $(STAMP) ## ruff lint and format check
 format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+bench: $(STAMP) ## speed of every stage against what a user would use instead (STAGE=crop: one; RESEARCH_DATA=dir)
+	$(BIN)/python -m bench.run $(if $(STAGE),--stage $(STAGE)) $(if $(RESEARCH_DATA),--research-data $(RESEARCH_DATA))
 
 compile: $(STAMP) ## compile the pipeline to pipelines/retrain.yaml
 	$(CLI) compile

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -74,24 +75,71 @@ def machine() -> dict:
     return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu or "no GPU"}
 
 
-def _once(fn: Callable[[], object], setup: Callable[[], object] | None) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (subprocesses, finished worker pools)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+@dataclass
+class Timing:
+    """Medians of one contender's timed runs: wall seconds, and CPU seconds spent by it and its children."""
+
+    wall: float
+    cpu: float
+
+
+def _once(fn: Callable[[], object], setup: Callable[[], object] | None) -> tuple[float, float]:
     if setup is not None:
         setup()
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
-def timed(
+def _medians(samples: list[tuple[float, float]]) -> Timing:
+    return Timing(statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))
+
+
+def measure(
     fn: Callable[[], object], repeats: int = 5, warmup: int = 1, setup: Callable[[], object] | None = None
-) -> float:
-    """Median wall time in seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls.
+) -> Timing:
+    """Median wall and CPU seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls.
 
     ``setup`` (untimed) runs before every call: clearing an output folder, say.
     """
     for _ in range(warmup):
         _once(fn, setup)
-    return statistics.median(_once(fn, setup) for _ in range(repeats))
+    return _medians([_once(fn, setup) for _ in range(repeats)])
+
+
+def measure_pair(
+    ours: Callable[[], object],
+    theirs: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    setup: Callable[[], object] | None = None,
+) -> tuple[Timing, Timing]:
+    """Medians of two alternatives, interleaved run by run so that load hits both alike.
+
+    ``setup`` (untimed) runs before every call of either. CPU seconds are the noise-proof figure on a shared
+    machine: they do not grow when other work steals cores, where wall time does.
+    """
+    for _ in range(warmup):
+        _once(ours, setup)
+        _once(theirs, setup)
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(_once(ours, setup))
+        b.append(_once(theirs, setup))
+    return _medians(a), _medians(b)
+
+
+def timed(
+    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, setup: Callable[[], object] | None = None
+) -> float:
+    """Median wall seconds of ``fn`` (see :func:`measure`)."""
+    return measure(fn, repeats, warmup, setup).wall
 
 
 def timed_pair(
@@ -101,18 +149,9 @@ def timed_pair(
     warmup: int = 1,
     setup: Callable[[], object] | None = None,
 ) -> tuple[float, float]:
-    """Median seconds of two alternatives, interleaved run by run so that load hits both alike.
-
-    ``setup`` (untimed) runs before every call of either.
-    """
-    for _ in range(warmup):
-        _once(ours, setup)
-        _once(theirs, setup)
-    a, b = [], []
-    for _ in range(repeats):
-        a.append(_once(ours, setup))
-        b.append(_once(theirs, setup))
-    return statistics.median(a), statistics.median(b)
+    """Median wall seconds of two alternatives, interleaved (see :func:`measure_pair`)."""
+    a, b = measure_pair(ours, theirs, repeats, warmup, setup)
+    return a.wall, b.wall
 
 
 @dataclass

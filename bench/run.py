@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             ctx.work.mkdir(parents=True, exist_ok=True)
             rows += modules[name].run(ctx)
-    latest, table = write_results(rows, chosen, mach)
     print(markdown([r.to_json() for r in rows], mach))
+    if args.quick:
+        print("--quick: results not written (small inputs, for checking the bench itself)", file=sys.stderr)
+        return 0
+    latest, table = write_results(rows, chosen, mach)
     print(f"written: {latest} and {table}", file=sys.stderr)
     return 0
 

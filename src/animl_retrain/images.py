@@ -46,8 +46,9 @@ def open_image(
             scale = scale_for(*full) if scale_for else 1
             if scale > 1 and img.format == "JPEG":
                 img.draft("RGB", (-(-full[0] // scale), -(-full[1] // scale)))
-            img = img.convert("RGB")
             img.load()
+            if img.mode != "RGB":  # convert() of an RGB image would copy every pixel for nothing
+                img = img.convert("RGB")
             return img, full
     except BadImageError:
         raise
