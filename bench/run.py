@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import pkgutil
 import sys
 import tempfile
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     chosen = args.stage or list(modules)
+    # The stages' own progress and problem lines (20 deliberately missing keys per download run...) would bury
+    # the bench's; errors still show.
+    logging.getLogger("animl_retrain").setLevel(logging.ERROR)
     mach = machine()
     rows = []
     with tempfile.TemporaryDirectory(prefix="animl-bench-") as tmp:
