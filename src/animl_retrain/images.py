@@ -16,6 +16,15 @@ JPEG_EOI = b"\xff\xd9"
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+def _strict() -> None:
+    """Treat truncation as an error again, whatever a library imported later did to Pillow's global.
+
+    megadetector's ``visualization_utils`` sets ``LOAD_TRUNCATED_IMAGES = True`` on import; truncated images
+    would then load silently, padded with grey.
+    """
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
 class BadImageError(Exception):
     """The file is not an image we can decode, or is larger than the configured ceiling."""
 
@@ -36,6 +45,7 @@ def open_image(
     Returns:
         ``(image, (width, height))`` where the size is the file's full size, before any reduced-scale decoding.
     """
+    _strict()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -92,6 +102,7 @@ def verify_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int,
     the crop stage does anyway and reports failures of. Every other file (other formats, or a JPEG with bytes
     after its end marker or none) is decoded at reduced scale, which raises on a broken stream.
     """
+    _strict()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
