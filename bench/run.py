@@ -48,13 +48,15 @@ def main(argv: list[str] | None = None) -> int:
                 work=work / name, repeats=args.repeats, quick=args.quick, research_data=args.research_data, machine=mach
             )
             ctx.work.mkdir(parents=True, exist_ok=True)
-            rows += modules[name].run(ctx)
+            stage_rows = modules[name].run(ctx)
+            rows += stage_rows
+            if not args.quick:  # written stage by stage: a later stage's failure loses nothing measured
+                latest, table = write_results(stage_rows, [name], mach)
     print(markdown([r.to_json() for r in rows], mach))
     if args.quick:
         print("--quick: results not written (small inputs, for checking the bench itself)", file=sys.stderr)
-        return 0
-    latest, table = write_results(rows, chosen, mach)
-    print(f"written: {latest} and {table}", file=sys.stderr)
+    else:
+        print(f"written: {latest} and {table}", file=sys.stderr)
     return 0
 
 

@@ -2,10 +2,10 @@
 
 A SeaweedFS S3 server is started in a temporary state folder (stopped by its PID at the end, even on failure)
 and filled with full-size JPEGs under Animl's ``original/<id>-original.jpg`` keys. The export also names a few
-keys that are not in the bucket: our stage must fetch every present image, MD5-check it against its ETag,
-check it is a whole image, and report exactly the missing ones; ``aws s3 sync`` (awscli, installed into its
-own virtualenv under the scratch folder) copies what is there and checks nothing. Both start from an empty
-destination on every run. Throughput counts the objects actually fetched.
+keys that are not in the bucket: our stage must fetch every present image, check it against its stored
+checksum (or MD5 ETag), check it is a whole image, and report exactly the missing ones; ``aws s3 sync``
+(awscli, installed into its own virtualenv under the scratch folder) copies what is there and reports nothing
+missing. Both start from an empty destination on every run. Throughput counts the objects actually fetched.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def run(ctx):
     frames, origin = distinct_frames(ctx.research_data, 8 if ctx.quick else 48)
     aws = ctx.venv("awscli", [AWSCLI]) / "aws"
     state = ctx.work / "state"
+    shutil.rmtree(state, ignore_errors=True)  # a kept --work folder: start from an empty server
     saved_env = dict(os.environ)
     try:
         svc = services.start(state, mlflow=False)
@@ -128,7 +129,7 @@ def run(ctx):
             alternative_value=n / theirs_s,
             input=(
                 f"{n} objects ({describe(frames)}, {total_bytes / 1e6:.0f} MB; {origin}) + {len(missing)} "
-                "missing keys, SeaweedFS on loopback; ours also MD5-checks every object, checks every image whole "
+                "missing keys, SeaweedFS on loopback; ours also checks every object's checksum, every image whole "
                 "and reports the missing keys"
             ),
         ),

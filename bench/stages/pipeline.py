@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -29,6 +30,8 @@ def run(ctx):
     """Median of 3 runs (1 with --quick, which also trains for 2 epochs only)."""
     runs = 1 if ctx.quick else max(1, min(3, ctx.repeats))
     state = ctx.work / "state"
+    shutil.rmtree(state, ignore_errors=True)  # a kept --work folder: start as a new user would
+    shutil.rmtree(ctx.work / "kfp", ignore_errors=True)
     cli = [sys.executable, "-m", "animl_retrain.cli"]
     rows = []
     try:
