@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export ANIML_STATE_DIR ?= $(CURDIR)/.state
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run stop clean test test-fast lint format compile lock images
+.PHONY: help venv run stop clean test test-fast lint format compile lock images bench
 
 # Container images (docker/): $(IMAGE_REGISTRY)/animl-retrain-{cpu,ml,mlflow,serving}:$(IMAGE_TAG). Export the same two
 # variables when you run `animl-retrain submit/schedule`, so the pipeline names the images you pushed.
@@ -55,6 +55,9 @@ lint: $(STAMP) ## ruff lint and format check, hadolint on every Dockerfile
 format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+bench: $(STAMP) ## speed of every stage against what a user would use instead (STAGE=crop: one; RESEARCH_DATA=dir)
+	$(BIN)/python -m bench.run $(if $(STAGE),--stage $(STAGE)) $(if $(RESEARCH_DATA),--research-data $(RESEARCH_DATA))
 
 compile: $(STAMP) ## compile the pipeline to pipelines/retrain.yaml
 	$(CLI) compile

@@ -11,8 +11,10 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -73,32 +75,83 @@ def machine() -> dict:
     return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu or "no GPU"}
 
 
-def timed(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time in seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+def cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (subprocesses, finished worker pools)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+@dataclass
+class Timing:
+    """Medians of one contender's timed runs: wall seconds, and CPU seconds spent by it and its children."""
+
+    wall: float
+    cpu: float
+
+
+def _once(fn: Callable[[], object], setup: Callable[[], object] | None) -> tuple[float, float]:
+    if setup is not None:
+        setup()
+    cpu, start = cpu_seconds(), time.perf_counter()
+    fn()
+    return time.perf_counter() - start, cpu_seconds() - cpu
+
+
+def _medians(samples: list[tuple[float, float]]) -> Timing:
+    return Timing(statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))
+
+
+def measure(
+    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, setup: Callable[[], object] | None = None
+) -> Timing:
+    """Median wall and CPU seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls.
+
+    ``setup`` (untimed) runs before every call: clearing an output folder, say.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        _once(fn, setup)
+    return _medians([_once(fn, setup) for _ in range(repeats)])
+
+
+def measure_pair(
+    ours: Callable[[], object],
+    theirs: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    setup: Callable[[], object] | None = None,
+) -> tuple[Timing, Timing]:
+    """Medians of two alternatives, interleaved run by run so that load hits both alike.
+
+    ``setup`` (untimed) runs before every call of either. CPU seconds are the noise-proof figure on a shared
+    machine: they do not grow when other work steals cores, where wall time does.
+    """
+    for _ in range(warmup):
+        _once(ours, setup)
+        _once(theirs, setup)
+    a, b = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        a.append(_once(ours, setup))
+        b.append(_once(theirs, setup))
+    return _medians(a), _medians(b)
+
+
+def timed(
+    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, setup: Callable[[], object] | None = None
+) -> float:
+    """Median wall seconds of ``fn`` (see :func:`measure`)."""
+    return measure(fn, repeats, warmup, setup).wall
 
 
 def timed_pair(
-    ours: Callable[[], object], theirs: Callable[[], object], repeats: int = 5, warmup: int = 1
+    ours: Callable[[], object],
+    theirs: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    setup: Callable[[], object] | None = None,
 ) -> tuple[float, float]:
-    """Median seconds of two alternatives, interleaved run by run so that load hits both alike."""
-    for _ in range(warmup):
-        ours()
-        theirs()
-    a, b = [], []
-    for _ in range(repeats):
-        for fn, sink in ((ours, a), (theirs, b)):
-            start = time.perf_counter()
-            fn()
-            sink.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
+    """Median wall seconds of two alternatives, interleaved (see :func:`measure_pair`)."""
+    a, b = measure_pair(ours, theirs, repeats, warmup, setup)
+    return a.wall, b.wall
 
 
 @dataclass
@@ -121,6 +174,31 @@ class Context:
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         return proc
+
+    def venv(self, name: str, requirements: list[str], no_deps: list[str] = ()) -> Path:
+        """A throwaway virtualenv for an alternative tool, under the scratch folder; returns its ``bin`` folder.
+
+        The alternative's packages never enter the project's environment. The folder is reused when it already
+        holds exactly these requirements (a ``--work`` folder kept between runs).
+        """
+        root = self.work / f"venv-{name}"
+        stamp = root / "bench-requirements.txt"
+        wanted = "\n".join([*requirements, "--no-deps", *no_deps]) + "\n"
+        if stamp.is_file() and stamp.read_text() == wanted:
+            return root / "bin"
+        print(f"   installing {', '.join([*no_deps, *requirements])} into {root}", file=sys.stderr, flush=True)
+        self.run(sys.executable, "-m", "venv", "--clear", str(root))
+        pip = [str(root / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        if no_deps:
+            self.run(*pip, "--no-deps", *no_deps)
+        if requirements:
+            self.run(*pip, *requirements)
+        stamp.write_text(wanted)
+        return root / "bin"
+
+    def note(self, message: str) -> None:
+        """Progress on stderr (the table goes to stdout)."""
+        print(f"   {message}", file=sys.stderr, flush=True)
 
 
 def write_results(rows: list[Row], stages_run: list[str], mach: dict) -> tuple[Path, Path]:

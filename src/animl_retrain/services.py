@@ -277,15 +277,18 @@ def ensure_buckets(svc: Services, buckets: list[str]) -> None:
             client.create_bucket(Bucket=bucket)
 
 
-def start(state_dir: Path | None = None) -> Services:
-    """Start SeaweedFS and MLflow (or reuse them if they are running) and return their addresses."""
+def start(state_dir: Path | None = None, *, mlflow: bool = True) -> Services:
+    """Start SeaweedFS and MLflow (or reuse them if they are running) and return their addresses.
+
+    ``mlflow=False`` starts only the S3 server (the download benchmark needs nothing else).
+    """
     state = Path(state_dir or default_state_dir()).resolve()
     svc = _load_or_create(state)
     if _alive(state, "seaweedfs") is None:
         log.info("starting SeaweedFS S3 on %s", svc.s3_endpoint)
         _start_seaweedfs(svc, state)
     ensure_buckets(svc, [MLFLOW_BUCKET])
-    if _alive(state, "mlflow") is None:
+    if mlflow and _alive(state, "mlflow") is None:
         log.info("starting MLflow on %s (first start migrates its database: ~20 s)", svc.mlflow_uri)
         _start_mlflow(svc, state)
     return svc

@@ -1,10 +1,12 @@
 """Stage 2, download: fetch every full-size image the export needs (kept objects, or marked for detection).
 
 Bounded concurrency, retries with backoff on transient errors, skip-if-present-and-same-size (a re-run fetches
-only what is missing), MD5 checked against the object's ETag where S3 gives one, and atomic writes (a killed
-run never leaves a half-written file under its final name). Missing objects and undecodable images are listed
-in ``report.json`` and skipped; the stage fails above ``max_missing_fraction`` or when objects could not be
-fetched at all (a dead endpoint), so that nothing is lost silently. ``images.csv`` lists the images on disk.
+only what is missing), each object checked against its stored checksum (by botocore, where S3 keeps one) or
+else its MD5 ETag, and atomic writes (a killed run never leaves a half-written file under its final name).
+Each image is checked to be whole without decoding it (:func:`animl_retrain.images.verify_image`; the crop
+stage decodes it anyway). Missing objects and truncated or undecodable images are listed in ``report.json``
+and skipped; the stage fails above ``max_missing_fraction`` or when objects could not be fetched at all (a
+dead endpoint), so that nothing is lost silently. ``images.csv`` lists the images on disk.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class DownloadConfig(StageConfig):
     workers: int = Field(16, ge=1, le=256, description="concurrent downloads")
     retries: int = Field(5, ge=0, le=20, description="retries per object on transient errors, with backoff")
     max_missing_fraction: float = Field(0.05, ge=0, le=1, description="fail if more images than this are missing")
-    verify: bool = Field(True, description="decode each image to check it is whole")
+    verify: bool = Field(True, description="check each image is whole (header, pixel ceiling, JPEG end marker)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="refuse images with more pixels than this")
 
 
@@ -102,17 +104,22 @@ class _Source:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 raise _Missing(f"s3://{self.bucket}/{self.prefix}{key}") from e
             raise
+        from botocore.httpchecksum import StreamingChecksumBody
+
         etag = obj.get("ETag", "").strip('"')
-        md5 = hashlib.md5(usedforsecurity=False)
+        # Where the object has a stored checksum (CRC32 and the like), botocore checks it as the body streams and
+        # raises at the end on a mismatch; hashing the bytes a second time for the ETag would only cost CPU.
+        md5 = None if isinstance(obj["Body"], StreamingChecksumBody) else hashlib.md5(usedforsecurity=False)
         size = 0
         with open(dest, "wb") as f:
             for chunk in obj["Body"].iter_chunks(CHUNK):
-                md5.update(chunk)
+                if md5 is not None:
+                    md5.update(chunk)
                 f.write(chunk)
                 size += len(chunk)
         if size != obj["ContentLength"]:
             raise OSError(f"short read: {size} of {obj['ContentLength']} bytes")
-        if etag and "-" not in etag and len(etag) == 32 and md5.hexdigest() != etag:
+        if md5 is not None and etag and "-" not in etag and len(etag) == 32 and md5.hexdigest() != etag:
             raise OSError("MD5 does not match the object's ETag")
         return size
 
