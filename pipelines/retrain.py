@@ -34,14 +34,23 @@ def retrain_pipeline(
     test_frac: float = 0.15,
     min_locs: int = 3,
     split_trials: int = 10000,
+    frozen_test_uri: str = "",
+    new_test_set: bool = False,
     seed: int = 0,
     arch: str = "efficientnet_b0",
     weights: str = "",
     epochs: int = 10,
     batch_size: int = 32,
     lr: float = 0.001,
+    optimizer: str = "adamw",
+    lr_schedule: str = "cosine",
+    warmup_epochs: float = 0.0,
     balance: str = "loss",
+    augmentation: str = "camera-trap",
+    monitor: str = "val_macro_f1",
     patience: int = 5,
+    checkpoint_uri: str = "",
+    target_precision: float = 0.95,
     experiment: str = "animl-classifier",
 ):
     """Animl's classifier retraining pipeline.
@@ -58,14 +67,24 @@ def retrain_pipeline(
         test_frac: share of each class for the test set.
         min_locs: drop classes seen at fewer locations.
         split_trials: random location assignments to score.
+        frozen_test_uri: s3:// URI of the frozen test set (the first run writes it, later runs reuse it).
+        new_test_set: draw a new test set and overwrite the frozen one.
         seed: random seed for the split and training.
-        arch: torchvision backbone.
+        arch: backbone (torchvision's, or efficientnet_lite0).
         weights: initial weights: '' (random), 'imagenet', or an s3:// URI of a state dict.
         epochs: maximum training epochs.
         batch_size: images per step.
         lr: peak learning rate.
+        optimizer: 'adamw' or 'sgd' (with momentum).
+        lr_schedule: 'cosine', 'step' or 'constant'.
+        warmup_epochs: linear learning-rate warm-up, in epochs.
         balance: class imbalance treatment: 'loss', 'sampler' or 'none'.
+        augmentation: 'camera-trap' or 'none'.
+        monitor: early-stopping metric: 'val_macro_f1', 'val_top1' or 'val_loss'.
         patience: early-stopping patience in epochs.
+        checkpoint_uri: s3:// prefix for resume checkpoints; the run id is appended, so a retried (preempted)
+            train task resumes where it stopped.
+        target_precision: precision each invasive class's confidence threshold must reach on the test set.
         experiment: MLflow experiment name.
     """
     export = export_op(
@@ -87,6 +106,8 @@ def retrain_pipeline(
         min_locs=min_locs,
         trials=split_trials,
         seed=seed,
+        frozen_test_uri=frozen_test_uri,
+        new_test_set=new_test_set,
     ).set_display_name("split")
     model = train_op(
         crops=crops.outputs["crops"],
@@ -97,17 +118,26 @@ def retrain_pipeline(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        optimizer=optimizer,
+        lr_schedule=lr_schedule,
+        warmup_epochs=warmup_epochs,
         balance=balance,
+        augmentation=augmentation,
+        monitor=monitor,
         patience=patience,
         seed=seed,
+        checkpoint_uri=checkpoint_uri,
         experiment=experiment,
         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_display_name("train")
+    model.set_retry(num_retries=3, backoff_duration="30s")  # a preempted spot node: resume from the checkpoint
     evaluation = evaluate_op(
         model=model.outputs["model"],
         crops=crops.outputs["crops"],
         split=split.outputs["split"],
+        export=export.outputs["export"],
         registered_name=model_name,
+        target_precision=target_precision,
     ).set_display_name("evaluate")
     register_op(
         model=model.outputs["model"],
