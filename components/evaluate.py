@@ -2,7 +2,7 @@
 
 from animl_retrain.components.images import ML_IMAGE
 from kfp import dsl
-from kfp.dsl import ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 
 @dsl.component(base_image=ML_IMAGE, install_kfp_package=False)
@@ -10,13 +10,16 @@ def evaluate_op(
     model: Input[Model],
     crops: Input[Dataset],
     split: Input[Dataset],
+    export: Input[Dataset],
     evaluation: Output[Dataset],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     summary: Output[Markdown],
+    report: Output[HTML],
     registered_name: str = "",
+    target_precision: float = 0.95,
 ):
-    """Score the model (and the current champion) on the test split."""
+    """Score the model (and the current champion) on the test split; thresholds for the invasive classes."""
     import json
     import shutil
     from pathlib import Path
@@ -32,11 +35,16 @@ def evaluate_op(
         model=model.path,
         crops=crops.path,
         split=split.path,
+        export=export.path,
         out=evaluation.path,
         registered_name=registered_name,
+        target_precision=target_precision,
     )
-    result = json.loads((Path(evaluation.path) / stage.METRICS_FILE).read_text())["model"]
+    scores = json.loads((Path(evaluation.path) / stage.METRICS_FILE).read_text())
+    result = scores["model"]
     for key in ("top1", "top3", "macro_f1", "weighted_f1"):
         metrics.log_metric(f"test_{key}", round(result[key], 4))
+    metrics.log_metric("test_ece", round(scores["calibration"]["ece"], 4))
     confusion.log_confusion_matrix(result["labels"], result["confusion_matrix"])
     shutil.copyfile(Path(evaluation.path) / "summary.md", summary.path)
+    shutil.copyfile(Path(evaluation.path) / stage.REPORT_FILE, report.path)

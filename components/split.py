@@ -14,6 +14,8 @@ def split_op(
     min_locs: int = 3,
     trials: int = 10000,
     seed: int = 0,
+    frozen_test_uri: str = "",
+    new_test_set: bool = False,
 ):
     """Assign every location wholly to train, val or test."""
     from animl_retrain.components.runtime import run_stage
@@ -31,4 +33,6 @@ def split_op(
         min_locs=min_locs,
         trials=trials,
         seed=seed,
+        frozen_test_uri=frozen_test_uri,
+        new_test_set=new_test_set,
     )

@@ -16,14 +16,20 @@ def train_op(
     epochs: int = 10,
     batch_size: int = 32,
     lr: float = 1e-3,
+    optimizer: str = "adamw",
+    lr_schedule: str = "cosine",
+    warmup_epochs: float = 0.0,
     balance: str = "loss",
+    augmentation: str = "camera-trap",
+    monitor: str = "val_macro_f1",
     patience: int = 5,
     seed: int = 0,
+    checkpoint_uri: str = "",
     experiment: str = "animl-classifier",
     kfp_run_id: str = "",
     gpus: int = 1,
 ):
-    """Fine-tune a torchvision classifier on the train split; the best val epoch is kept.
+    """Fine-tune a classifier on the train split; the best val epoch is kept; resumes from its checkpoint.
 
     ``gpus`` is the GPU count the pipeline requests for this task (pipelines/k8s.py): 0 trains on the CPU, any
     other count lets the stage pick the GPU when there is one. It is an input here, not only a resource setting,
@@ -46,9 +52,15 @@ def train_op(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        optimizer=optimizer,
+        lr_schedule=lr_schedule,
+        warmup_epochs=warmup_epochs,
         balance=balance,
+        augmentation=augmentation,
+        monitor=monitor,
         patience=patience,
         seed=seed,
+        checkpoint_uri=checkpoint_uri,
         experiment=experiment,
         kfp_run_id=kfp_run_id,
         device="cpu" if gpus == 0 else "auto",

@@ -11,7 +11,8 @@ so the same pipeline still runs on one machine.
   because a neighbour grew.
 - **Secrets** reach the containers as environment variables from Kubernetes Secrets (see ``manifests/``): the
   compiled pipeline names the Secret and its keys, never a value, and no parameter carries a credential.
-- **Retries** with exponential backoff on the stages that talk to S3 or MLflow; a stage's own bad-input error
+- **Retries** with exponential backoff on the stages that talk to S3 or MLflow, and on training, whose GPU node
+  may be a preempted spot instance (a retried train task resumes from its checkpoint); a stage's own bad-input error
   is retried too (Kubeflow cannot tell them apart) and fails the same way 90 s later, also in ``make run``.
 - **Caching** is off where a cached result would be wrong: stages with side effects (train, register, the exit
   handler) and stages whose input can change behind the same parameters (export re-reads an export that Animl
@@ -80,7 +81,7 @@ PROFILES = {
     "detect": Profile(cpu="4", memory="16Gi", gpu=True, s3=True, retry=True),
     "crop": Profile(cpu="2", memory="4Gi"),
     "split": Profile(cpu="500m", memory="1Gi"),
-    "train": Profile(cpu="4", memory="24Gi", gpu=True, s3=True, mlflow=True, cache=False),
+    "train": Profile(cpu="4", memory="24Gi", gpu=True, s3=True, mlflow=True, retry=True, cache=False),
     "evaluate": Profile(cpu="2", memory="8Gi", mlflow=True, cache=False),
     "register": Profile(cpu="1", memory="4Gi", mlflow=True, retry=True, cache=False),
     "deploy": Profile(cpu="2", memory="6Gi", mlflow=True, aws=True, cache=False),

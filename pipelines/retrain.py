@@ -44,14 +44,23 @@ def retrain_pipeline(
     test_frac: float = 0.15,
     min_locs: int = 3,
     split_trials: int = 10000,
+    frozen_test_uri: str = "",
+    new_test_set: bool = False,
     seed: int = 0,
     arch: str = "efficientnet_b0",
     weights: str = "",
     epochs: int = 10,
     batch_size: int = 32,
     lr: float = 0.001,
+    optimizer: str = "adamw",
+    lr_schedule: str = "cosine",
+    warmup_epochs: float = 0.0,
     balance: str = "loss",
+    augmentation: str = "camera-trap",
+    monitor: str = "val_macro_f1",
     patience: int = 5,
+    checkpoint_uri: str = "",
+    target_precision: float = 0.95,
     experiment: str = "animl-classifier",
     train_gpus: int = 1,
     animl_project: str = "",
@@ -93,14 +102,24 @@ def retrain_pipeline(
         test_frac: share of each class for the test set.
         min_locs: drop classes seen at fewer locations.
         split_trials: random location assignments to score.
+        frozen_test_uri: s3:// URI of the frozen test set (the first run writes it, later runs reuse it).
+        new_test_set: draw a new test set and overwrite the frozen one.
         seed: random seed for the split and training.
-        arch: torchvision backbone.
+        arch: backbone (torchvision's, or efficientnet_lite0).
         weights: initial weights: '' (random), 'imagenet', or an s3:// URI of a state dict.
         epochs: maximum training epochs.
         batch_size: images per step.
         lr: peak learning rate.
+        optimizer: 'adamw' or 'sgd' (with momentum).
+        lr_schedule: 'cosine', 'step' or 'constant'.
+        warmup_epochs: linear learning-rate warm-up, in epochs.
         balance: class imbalance treatment: 'loss', 'sampler' or 'none'.
+        augmentation: 'camera-trap' or 'none'.
+        monitor: early-stopping metric: 'val_macro_f1', 'val_top1' or 'val_loss'.
         patience: early-stopping patience in epochs.
+        checkpoint_uri: s3:// prefix for resume checkpoints; the run id is appended, so a retried (preempted)
+            train task resumes where it stopped.
+        target_precision: precision each invasive class's confidence threshold must reach on the test set.
         experiment: MLflow experiment name.
         train_gpus: GPUs for the training task on the cluster; 0 trains on the CPU (of a GPU node).
         animl_project: Animl project id to export (with export_uri 'animl-api').
@@ -181,6 +200,8 @@ def retrain_pipeline(
                     min_locs=min_locs,
                     trials=split_trials,
                     seed=seed,
+                    frozen_test_uri=frozen_test_uri,
+                    new_test_set=new_test_set,
                 ),
             )
             model = stage(
@@ -194,9 +215,15 @@ def retrain_pipeline(
                     epochs=epochs,
                     batch_size=batch_size,
                     lr=lr,
+                    optimizer=optimizer,
+                    lr_schedule=lr_schedule,
+                    warmup_epochs=warmup_epochs,
                     balance=balance,
+                    augmentation=augmentation,
+                    monitor=monitor,
                     patience=patience,
                     seed=seed,
+                    checkpoint_uri=checkpoint_uri,
                     experiment=experiment,
                     kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                     gpus=train_gpus,
@@ -209,7 +236,9 @@ def retrain_pipeline(
                     model=model.outputs["model"],
                     crops=crops.outputs["crops"],
                     split=split.outputs["split"],
+                    export=export.outputs["export"],
                     registered_name=model_name,
+                    target_precision=target_precision,
                 ),
             )
             registration = stage(

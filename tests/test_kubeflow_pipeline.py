@@ -157,12 +157,12 @@ def test_secrets_come_from_kubernetes_secrets_by_name_only(tmp_path):
         assert not executor["container"].get("env"), executor
 
 
-def test_network_stages_retry_with_backoff(spec):
+def test_network_stages_and_training_retry_with_backoff(spec):
     retried = {}
     for name, task in tasks(spec).items():
         if task.HasField("retry_policy"):
             retried[name] = task.retry_policy
-    assert set(retried) == {"export-op", "download-op", "detect-op", "register-op"}
+    assert set(retried) == {"export-op", "download-op", "detect-op", "train-op", "register-op"}
     for policy in retried.values():
         assert policy.max_retry_count >= 2
         assert policy.backoff_duration.seconds >= 10 and policy.backoff_factor > 1

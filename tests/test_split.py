@@ -76,3 +76,60 @@ def test_bad_settings_and_too_few_locations(tmp_path):
     src = write_crops(tmp_path, [("a", "l1"), ("b", "l1"), ("a", "l2"), ("b", "l2")])
     with pytest.raises(PipelineError, match="cannot fill train, val and test"):
         split.run(split.SplitConfig(crops=src, out=tmp_path / "s", min_locs=1, trials=10))
+
+
+def test_frozen_test_set_is_written_then_reused_and_new_locations_go_to_train_or_val(tmp_path):
+    frozen = tmp_path / "frozen" / "test_locations.json"
+    first = split.run(
+        split.SplitConfig(
+            crops=write_crops(tmp_path, random_rows()), out=tmp_path / "a", trials=500, frozen_test_uri=str(frozen)
+        )
+    )
+    assert first.frozen_test == "written"
+    test_locs = set(read_json(frozen)["locations"])
+    a = tables.read_table(tmp_path / "a" / "split.csv", tables.SPLIT)
+    assert test_locs == set(a[a["split"] == "test"]["location"])
+
+    # a later export: more locations, another seed; the test set stays exactly the same
+    later = tmp_path / "later"
+    later.mkdir()
+    rows = random_rows() + [(label, f"new{loc}") for label, loc in random_rows(n_locations=15, seed=9)]
+    second = split.run(
+        split.SplitConfig(
+            crops=write_crops(later, rows), out=tmp_path / "b", trials=500, seed=5, frozen_test_uri=str(frozen)
+        )
+    )
+    b = tables.read_table(tmp_path / "b" / "split.csv", tables.SPLIT)
+    assert second.frozen_test == "reused" and second.test_fingerprint == first.test_fingerprint
+    assert set(b[b["split"] == "test"]["location"]) == test_locs
+    assert not b[b["location"].str.startswith("new")]["split"].eq("test").any()
+    assert set(b[b["location"].str.startswith("new")]["split"]) == {"train", "val"}
+
+    # override: a new test set, written over the old one
+    third = split.run(
+        split.SplitConfig(
+            crops=later / "crops",
+            out=tmp_path / "c",
+            trials=500,
+            seed=5,
+            frozen_test_uri=str(frozen),
+            new_test_set=True,
+        )
+    )
+    assert third.frozen_test == "written" and set(read_json(frozen)["locations"]) != test_locs
+
+
+def test_frozen_test_set_problems_are_reported(tmp_path):
+    frozen = tmp_path / "frozen.json"
+    frozen.write_text('{"format": "animl-retrain-test-locations/1", "locations": ["loc0", "loc1", "gone"]}')
+    src = write_crops(tmp_path, random_rows())
+    result = split.run(split.SplitConfig(crops=src, out=tmp_path / "s", trials=100, frozen_test_uri=str(frozen)))
+    assert result.locations["test"] == 2
+    problems = read_json(tmp_path / "s" / "report.json")["problems"]
+    assert any(p["what"] == "frozen test locations absent" and "gone" in p["detail"] for p in problems)
+    frozen.write_text('{"format": "animl-retrain-test-locations/1", "locations": ["elsewhere"]}')
+    with pytest.raises(PipelineError, match="new-test-set"):
+        split.run(split.SplitConfig(crops=src, out=tmp_path / "t", trials=100, frozen_test_uri=str(frozen)))
+    frozen.write_text("[1, 2]")
+    with pytest.raises(PipelineError, match="unreadable"):
+        split.run(split.SplitConfig(crops=src, out=tmp_path / "u", trials=100, frozen_test_uri=str(frozen)))

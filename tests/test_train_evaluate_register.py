@@ -33,6 +33,7 @@ def evaluated(trained, stage_outputs, tmp_path_factory):
             model=trained[0],
             crops=stage_outputs["crops"],
             split=stage_outputs["split"],
+            export=stage_outputs["export"],
             out=out,
             registered_name="tests-model",
         )
@@ -67,8 +68,20 @@ def test_evaluation_metrics(evaluated, trained):
     assert sum(map(sum, model["confusion_matrix"])) == model["n"] == result.test_crops
     assert 0 <= model["top1"] <= model["top3"] <= 1
     assert "| class | precision |" in (out / "summary.md").read_text()
-    logged = mlflow.get_run(trained[1].mlflow_run_id).data.metrics
-    assert logged["test_macro_f1"] == pytest.approx(result.macro_f1)
+    run = mlflow.get_run(trained[1].mlflow_run_id)
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(result.macro_f1)
+    assert run.data.metrics["test_ece"] == pytest.approx(metrics["calibration"]["ece"])
+    # the demo's label spec marks rodent invasive: its threshold travels as a tag and an artifact
+    thresholds = read_json(out / evaluate.THRESHOLDS_FILE)
+    assert thresholds["format"] == "animl-retrain-thresholds/1" and thresholds["invasive"] == ["rodent"]
+    assert set(thresholds["thresholds"]) == {"rodent"} and 0 <= thresholds["thresholds"]["rodent"] <= 1
+    assert json.loads(run.data.tags["invasive_thresholds"]) == thresholds["thresholds"] == result.thresholds
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/report.html", "evaluation/thresholds.json", "evaluation/reliability.png"} <= artifacts
+    page = (out / evaluate.REPORT_FILE).read_text()
+    assert page.count("data:image/png;base64,") == 3 and "Operating points (target precision 0.95)" in page
+    wrong = model["n"] - sum(model["confusion_matrix"][i][i] for i in range(len(model["labels"])))
+    assert page.count("class='card'") == min(wrong, 24)  # the gallery of the most confident mistakes
 
 
 def test_register_champion_then_challenger(trained, evaluated, stage_outputs, tmp_path):
@@ -96,6 +109,8 @@ def test_register_champion_then_challenger(trained, evaluated, stage_outputs, tm
     assert version.tags["validated_annotations"] == str(export_report["validated_annotations"])
     assert tracking.champion("tests-model") == {"version": first.version, "tags": version.tags}
     assert tracking.champion("tests-model", alias="nobody") is None and tracking.champion("no-such-model") is None
+    assert json.loads(version.tags["invasive_thresholds"]) == read_json(evaluated[0] / "thresholds.json")["thresholds"]
+    assert version.tags["thresholds_artifact"].endswith("/evaluation/thresholds.json")
 
     # a second model, scored against the champion on the same test set, that does not beat it
     worse = tmp_path / "worse"

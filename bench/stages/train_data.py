@@ -33,7 +33,7 @@ def _theirs_transform(augment: bool):
             T.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1)),
             T.RandomHorizontalFlip(),
             T.RandomApply([T.RandomRotation(10)], p=0.3),
-            T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.02),
+            T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2),
             T.RandomGrayscale(p=0.1),
         ]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

@@ -4,6 +4,10 @@ The crop stage already resized each crop to the training size, so an epoch costs
 :func:`decode_crops` fills a memory-mapped ``(N, H, W, 3)`` uint8 array once (in parallel), and
 :class:`CropDataset` hands out ``(3, H, W)`` uint8 tensors through the per-image transform. Normalisation
 (:meth:`Preprocessing.normalise`) runs on whole batches, on the model's device.
+
+Training order and augmentation are functions of ``(seed, epoch, position in the epoch)`` alone
+(:class:`EpochSampler` hands each item its own augmentation seed), so a run resumed in the middle of an epoch
+sees exactly the batches and augmentations the uninterrupted run would have, whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -70,13 +74,59 @@ class CropDataset:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """Item ``key``, or ``(index, seed)``: the transform then draws its randomness from ``seed`` alone."""
         import torch
 
+        i, seed = key if isinstance(key, tuple) else (key, None)
         x = torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)
         if self.transform is not None:
-            x = self.transform(x)
+            if seed is None:
+                x = self.transform(x)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    x = self.transform(x)
         return x, int(self.targets[i])
+
+
+class EpochSampler:
+    """Yields ``(index, augmentation seed)`` for one epoch; the order depends only on the seed and the epoch.
+
+    With ``weights`` it draws ``len(weights)`` items with replacement in proportion to them (a class-balanced
+    sampler); without, it is a permutation. :meth:`set_epoch` chooses the epoch and how many items to skip,
+    which is how a resumed run continues exactly where the interrupted one stopped.
+    """
+
+    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None):
+        self.n = n
+        self.seed = seed
+        self.weights = weights
+        self.epoch = 1
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Serve epoch ``epoch`` (1-based), skipping its first ``start`` items."""
+        self.epoch, self.start = epoch, start
+
+    def order(self):
+        """The epoch's full ``(indices, seeds)``."""
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is None:
+            indices = torch.randperm(self.n, generator=g)
+        else:
+            indices = torch.multinomial(torch.as_tensor(self.weights, dtype=torch.double), self.n, True, generator=g)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        return indices.tolist(), seeds.tolist()
+
+    def __iter__(self):
+        indices, seeds = self.order()
+        return iter(list(zip(indices, seeds, strict=True))[self.start :])
+
+    def __len__(self) -> int:
+        return self.n - self.start
 
 
 def make_loader(
@@ -89,7 +139,11 @@ def make_loader(
     seed: int = 0,
     drop_last: bool = False,
 ):
-    """A DataLoader with pinned memory and persistent workers where they help."""
+    """A DataLoader with pinned memory, persistent workers and deep prefetching where they help.
+
+    The data are already decoded in memory, so workers only run the per-image augmentation; four batches in
+    flight per worker keep a GPU fed while the main process steps the optimiser.
+    """
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -101,6 +155,7 @@ def make_loader(
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
         generator=generator,
         drop_last=drop_last,
     )

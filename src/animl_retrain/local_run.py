@@ -125,6 +125,14 @@ def format_summary(summary: dict[str, Any], mlflow_ui: str | None = None) -> str
             "",
             f"Test set: top-1 {ev['top1']:.3f}, macro-F1 {ev['macro_f1']:.3f} on {ev['counts']['test_crops']} crops",
         ]
+        if ev.get("thresholds"):
+            shown = ", ".join(f"{label} >= {t:.2f}" for label, t in ev["thresholds"].items())
+            rate = ev.get("native_flagged_rate")
+            lines.append(
+                f"Invasive thresholds: {shown}; natives flagged invasive: "
+                + ("n/a" if rate is None else f"{100 * rate:.1f}%")
+                + f" (report: {summary['run_dir']}/evaluate-op/evaluation/report.html)"
+            )
         if ev.get("champion_macro_f1") is not None:
             lines.append(f"Previous champion on the same test set: macro-F1 {ev['champion_macro_f1']:.3f}")
     reg = summary["stages"].get("register", {})

@@ -60,3 +60,94 @@ def classification_report(y_true: np.ndarray, probs: np.ndarray, labels: list[st
         "labels": list(labels),
         "confusion_matrix": cm.tolist(),
     }
+
+
+def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict:
+    """Expected calibration error of the top-1 confidence, and the reliability diagram's bins.
+
+    Confidences fall in ``bins`` equal-width bins; ECE is the count-weighted mean of each bin's
+    ``|accuracy - mean confidence|``. A model that says 0.9 should be right 9 times in 10.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    if len(y_true) == 0:
+        return {"ece": math.nan, "bins": []}
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)
+    out, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        n = int(mask.sum())
+        acc = float(correct[mask].mean()) if n else math.nan
+        mean_conf = float(conf[mask].mean()) if n else math.nan
+        if n:
+            ece += n / len(y_true) * abs(acc - mean_conf)
+        out.append({"lower": b / bins, "upper": (b + 1) / bins, "count": n, "accuracy": acc, "confidence": mean_conf})
+    return {"ece": float(ece), "bins": out}
+
+
+def threshold_for_precision(y_true: np.ndarray, probs: np.ndarray, c: int, target: float) -> dict:
+    """The lowest confidence threshold at which "predicted ``c`` with confidence >= t" reaches ``target`` precision.
+
+    This is Animl's rule for a per-category threshold: a label is applied when it is the top prediction and its
+    confidence reaches the category's threshold. The lowest qualifying threshold gives the most recall. When no
+    threshold reaches the target, the one with the best precision is returned with ``met: false``; when the
+    model never predicts ``c``, the threshold is 1.0.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    support = int((y_true == c).sum())
+    chosen = probs.argmax(axis=1) == c
+    conf = probs[chosen, c]
+    hits = (y_true[chosen] == c).astype(np.float64)
+    if len(conf) == 0:
+        return {"threshold": 1.0, "precision": math.nan, "recall": 0.0, "support": support, "flagged": 0, "met": False}
+    order = np.argsort(-conf, kind="stable")
+    conf, hits = conf[order], hits[order]
+    last_of_tie = np.r_[conf[1:] != conf[:-1], True]  # a threshold keeps every item with the same confidence
+    k = np.flatnonzero(last_of_tie)
+    precision = np.cumsum(hits)[k] / (k + 1)
+    met = precision >= target
+    pick = k[np.flatnonzero(met)[-1]] if met.any() else k[np.flatnonzero(precision == precision.max())[-1]]
+    tp = float(hits[: pick + 1].sum())
+    return {
+        "threshold": float(conf[pick]),
+        "precision": float(tp / (pick + 1)),
+        "recall": tp / support if support else math.nan,
+        "support": support,
+        "flagged": int(pick + 1),
+        "met": bool(met.any()),
+    }
+
+
+def operating_points(y_true: np.ndarray, probs: np.ndarray, labels: list[str], invasive: list[str], target: float):
+    """Per-invasive-class thresholds at ``target`` precision, and how often native animals get flagged invasive.
+
+    Returns the per-class figures and, over test crops whose true class is native, the share flagged as any
+    invasive class at these thresholds (and, for comparison, at plain top-1 with no threshold).
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    pred, top = probs.argmax(axis=1), probs.max(axis=1)
+    native = ~np.isin(y_true, [labels.index(x) for x in invasive])
+    per_class, flagged, flagged_top1 = {}, np.zeros(len(y_true), bool), np.zeros(len(y_true), bool)
+    for label in invasive:
+        c = labels.index(label)
+        point = threshold_for_precision(y_true, probs, c, target)
+        hit = (pred == c) & (top >= point["threshold"])
+        point["native_flagged"] = int((hit & native).sum())
+        per_class[label] = point
+        flagged |= hit
+        flagged_top1 |= pred == c
+    n_native = int(native.sum())
+
+    def rate(mask: np.ndarray) -> float:
+        return float((mask & native).sum() / n_native) if n_native and invasive else math.nan
+
+    return {
+        "target_precision": target,
+        "invasive": list(invasive),
+        "per_class": per_class,
+        "native_crops": n_native,
+        "native_flagged": int((flagged & native).sum()),
+        "native_flagged_rate": rate(flagged),
+        "native_flagged_rate_top1": rate(flagged_top1),
+    }

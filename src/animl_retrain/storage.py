@@ -149,3 +149,26 @@ def put_bytes(uri: str, data: bytes) -> None:
         s3_client().put_object(Bucket=bucket, Key=key, Body=data)
     except Exception as e:
         raise PipelineError(describe_s3_error(e, uri)) from e
+
+
+def exists(uri: str) -> bool:
+    """Whether a local file or S3 object exists; other S3 failures (endpoint, credentials) raise."""
+    if not is_s3(uri):
+        return Path(uri).is_file()
+    from botocore.exceptions import ClientError
+
+    bucket, key = parse_s3_uri(uri)
+    try:
+        s3_client().head_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise PipelineError(describe_s3_error(e, uri)) from e
+    except Exception as e:
+        raise PipelineError(describe_s3_error(e, uri)) from e
+    return True
+
+
+def join(uri: str, name: str) -> str:
+    """``uri`` (a folder or an s3:// prefix) joined with ``name``."""
+    return f"{uri.rstrip('/')}/{name}" if is_s3(uri) else str(Path(uri) / name)

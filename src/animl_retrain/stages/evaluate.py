@@ -1,12 +1,15 @@
 """Stage 7, evaluate: score the new model on the test split, and the current champion on the same crops.
 
-Writes ``metrics.json`` (top-1, top-k, per-class precision/recall/F1, macro-F1, confusion matrix, the test
-set's fingerprint and the champion's scores), ``confusion_matrix.csv`` and ``summary.md``, and logs the
-figures into the training run in MLflow.
+Writes ``metrics.json`` (top-1, top-k, per-class precision/recall/F1, macro-F1, confusion matrix, calibration,
+operating points, the test set's fingerprint and the champion's scores), ``thresholds.json`` (the per-category
+confidence thresholds deployment gives Animl: for every invasive class, the lowest threshold meeting the target
+precision), ``confusion_matrix.csv``, ``summary.md``, ``report.html`` with its figures, and logs all of it into
+the training run in MLflow (thresholds also as tags).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -18,13 +21,16 @@ from animl_retrain import tables, tracking
 from animl_retrain.common import PipelineError, Report, log, read_json, write_json
 from animl_retrain.config import StageConfig
 from animl_retrain.data import CropDataset, decode_crops, make_loader
-from animl_retrain.metrics import classification_report
+from animl_retrain.metrics import calibration, classification_report, operating_points
 from animl_retrain.models import load_checkpoint, model_from_checkpoint
 from animl_retrain.stages.crop import CROPS_DIR
 from animl_retrain.stages.split import test_fingerprint
 from animl_retrain.stages.train import CHECKPOINT, pick_device, predict
 
 METRICS_FILE = "metrics.json"
+THRESHOLDS_FILE = "thresholds.json"
+THRESHOLDS_FORMAT = "animl-retrain-thresholds/1"
+REPORT_FILE = "report.html"
 
 
 class EvaluateConfig(StageConfig):
@@ -34,8 +40,12 @@ class EvaluateConfig(StageConfig):
     crops: Path = Field(description="output folder of the crop stage")
     split: Path = Field(description="output folder of the split stage")
     out: Path = Field(description="output folder")
+    export: Path | None = Field(None, description="output folder of the export stage (its label spec marks invasives)")
     registered_name: str = Field("", description="registered model whose 'champion' to score on the same test set")
+    target_precision: float = Field(0.95, gt=0, le=1, description="precision each invasive class's threshold must meet")
     top_k: int = Field(3, ge=2, le=10, description="k of the top-k accuracy")
+    calibration_bins: int = Field(15, ge=2, le=100, description="bins of the reliability diagram and ECE")
+    gallery: int = Field(24, ge=0, le=500, description="most confident mistakes shown in the report")
     batch_size: int = Field(64, ge=1, description="images per step")
     workers: int = Field(0, ge=0, description="data-loader workers")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'")
@@ -46,6 +56,9 @@ class EvaluateResult(BaseModel):
 
     top1: float
     macro_f1: float
+    ece: float
+    thresholds: dict[str, float]
+    native_flagged_rate: float | None
     test_crops: int
     test_fingerprint: str
     champion: dict | None
@@ -72,7 +85,7 @@ def _score_champion(name: str, test: pd.DataFrame, crops_root: Path, labels: lis
     return {"version": str(version.version), "run_id": version.run_id, **report}
 
 
-def _markdown(report: dict, champion: dict | None, fingerprint: str, k: int) -> str:
+def _markdown(report: dict, champion: dict | None, fingerprint: str, k: int, calib: dict, ops: dict) -> str:
     lines = [
         "# Test-set evaluation",
         "",
@@ -87,6 +100,25 @@ def _markdown(report: dict, champion: dict | None, fingerprint: str, k: int) -> 
             f"| champion v{champion['version']} | {champion['top1']:.3f} | {champion[f'top{k}']:.3f} | "
             f"{champion['macro_f1']:.3f} |"
         )
+    lines += ["", f"Calibration: ECE {calib['ece']:.3f} (top-1 confidence, {len(calib['bins'])} bins)."]
+    if ops["invasive"]:
+        lines += [
+            "",
+            f"Operating points at target precision {ops['target_precision']:.2f}:",
+            "",
+            "| invasive class | threshold | precision | recall | support | target met |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, p in ops["per_class"].items():
+            lines.append(
+                f"| {label} | {p['threshold']:.3f} | {p['precision']:.3f} | {p['recall']:.3f} | {p['support']} | "
+                f"{'yes' if p['met'] else 'NO'} |"
+            )
+        lines += [
+            "",
+            f"Native animals flagged as invasive at these thresholds: {ops['native_flagged_rate']:.4f} "
+            f"({ops['native_flagged']} of {ops['native_crops']}; top-1 alone: {ops['native_flagged_rate_top1']:.4f}).",
+        ]
     lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for label, m in report["per_class"].items():
         lines.append(f"| {label} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
@@ -103,9 +135,94 @@ def _markdown(report: dict, champion: dict | None, fingerprint: str, k: int) -> 
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: EvaluateConfig) -> EvaluateResult:
-    """Evaluate on the test split; write metrics, confusion matrix and summary; log them to MLflow."""
+def invasive_classes(cfg: EvaluateConfig, labels: list[str], report: Report) -> list[str]:
+    """Classes the export's label spec marks invasive, among the model's labels."""
+    if cfg.export is None:
+        return []
+    spec = read_json(Path(cfg.export) / "label_spec.json", "label spec of the export stage")
+    marked = sorted(label for label, entry in spec.items() if isinstance(entry, dict) and entry.get("invasive"))
+    for label in sorted(set(marked) - set(labels)):
+        report.problem("invasive class not in the model", label, "the split dropped it (too few locations?)")
+    return [label for label in marked if label in labels]
+
+
+def thresholds_document(ops: dict, labels: list[str], fingerprint: str) -> dict:
+    """``thresholds.json``: the per-category thresholds that travel with the model (see docs/data-contracts.md)."""
+    return {
+        "format": THRESHOLDS_FORMAT,
+        "rule": "apply an invasive label when it is the top-1 prediction and its confidence >= its threshold",
+        "target_precision": ops["target_precision"],
+        "test_fingerprint": fingerprint,
+        "labels": labels,
+        "invasive": ops["invasive"],
+        "thresholds": {label: p["threshold"] for label, p in ops["per_class"].items()},
+        "per_class": ops["per_class"],
+        "native_crops": ops["native_crops"],
+        "native_flagged": ops["native_flagged"],
+        "native_flagged_rate": ops["native_flagged_rate"],
+        "native_flagged_rate_top1": ops["native_flagged_rate_top1"],
+    }
+
+
+def _predict_test(cfg: EvaluateConfig, test: pd.DataFrame, crops_root: Path, model, preprocessing, labels):
+    index = {label: i for i, label in enumerate(labels)}
+    device = pick_device(cfg.device)
+    with tempfile.TemporaryDirectory(prefix="animl-eval-") as tmp:
+        array = decode_crops([crops_root / c for c in test["crop"]], preprocessing.image_size, Path(tmp) / "test.npy")
+        dataset = CropDataset(array, test["label"].map(index).to_numpy(), preprocessing.eval_transform())
+        return predict(model.to(device), make_loader(dataset, cfg.batch_size, cfg.workers), preprocessing, device)
+
+
+def _write_report(cfg, out: Path, result, calib, ops, mistakes, facts) -> None:
+    from animl_retrain import evaluation_report as er
+
+    figures = {
+        "confusion": er.confusion_png(result),
+        "per_class": er.per_class_png(result),
+        "reliability": er.reliability_png(calib),
+    }
+    for name, png in figures.items():
+        (out / er.PNG_FILES[name]).write_bytes(png)
+    page = er.render("Test-set evaluation", result, calib, ops, mistakes, figures, facts)
+    (out / REPORT_FILE).write_text(page)
+
+
+def _log_to_mlflow(run_id: str, cfg, out: Path, result, calib, ops, thresholds, metrics, summary) -> None:
     import mlflow
+
+    from animl_retrain.evaluation_report import PNG_FILES
+
+    k = cfg.top_k
+    values = {
+        "test_top1": result["top1"],
+        f"test_top{k}": result[f"top{k}"],
+        "test_macro_f1": result["macro_f1"],
+        "test_weighted_f1": result["weighted_f1"],
+        "test_ece": calib["ece"],
+        "test_native_flagged_rate": ops["native_flagged_rate"],
+    }
+    values |= {f"test_f1_{label}": m["f1"] for label, m in result["per_class"].items()}
+    for label, p in ops["per_class"].items():
+        values |= {f"test_threshold_{label}": p["threshold"], f"test_recall_at_target_{label}": p["recall"]}
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({key: v for key, v in values.items() if v is not None and math.isfinite(v)})
+        mlflow.set_tags(
+            {
+                "test_fingerprint": thresholds["test_fingerprint"],
+                "target_precision": str(cfg.target_precision),
+                "invasive_thresholds": json.dumps(thresholds["thresholds"]),
+            }
+        )
+        mlflow.log_dict(metrics, "evaluation/metrics.json")
+        mlflow.log_dict(thresholds, f"evaluation/{THRESHOLDS_FILE}")
+        mlflow.log_text(summary, "evaluation/summary.md")
+        for name in [REPORT_FILE, *PNG_FILES.values()]:
+            mlflow.log_artifact(str(out / name), "evaluation")
+
+
+def run(cfg: EvaluateConfig) -> EvaluateResult:
+    """Evaluate on the test split; write metrics, thresholds, report and summary; log them to MLflow."""
+    from animl_retrain.evaluation_report import worst_mistakes
 
     report = Report("evaluate")
     ckpt = load_checkpoint(Path(cfg.model) / CHECKPOINT)
@@ -117,19 +234,22 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     unknown = sorted(set(test["label"]) - set(labels))
     if unknown:
         raise PipelineError(f"evaluate: test labels {unknown} are not in the model's label index {labels}")
-    index = {label: i for i, label in enumerate(labels)}
+    invasive = invasive_classes(cfg, labels, report)
     crops_root = Path(cfg.crops) / CROPS_DIR
-    device = pick_device(cfg.device)
 
-    with tempfile.TemporaryDirectory(prefix="animl-eval-") as tmp:
-        array = decode_crops([crops_root / c for c in test["crop"]], preprocessing.image_size, Path(tmp) / "test.npy")
-        dataset = CropDataset(array, test["label"].map(index).to_numpy(), preprocessing.eval_transform())
-        probs, targets = predict(
-            model.to(device), make_loader(dataset, cfg.batch_size, cfg.workers), preprocessing, device
-        )
+    probs, targets = _predict_test(cfg, test, crops_root, model, preprocessing, labels)
     result = classification_report(targets, probs, labels, cfg.top_k)
     if not math.isfinite(result["macro_f1"]):
         raise PipelineError("evaluate: macro-F1 is not a number; refusing to publish an evaluation")
+    calib = calibration(targets, probs, cfg.calibration_bins)
+    ops = operating_points(targets, probs, labels, invasive, cfg.target_precision)
+    for label, p in ops["per_class"].items():
+        if not p["met"]:
+            report.problem(
+                "target precision not met",
+                label,
+                f"best precision {p['precision']:.3f} < {cfg.target_precision} on {p['support']} test crops",
+            )
     fingerprint = test_fingerprint(split)
     tracking.check_server()
     champion = (
@@ -138,51 +258,54 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    thresholds = thresholds_document(ops, labels, fingerprint)
     metrics = {
         "status": "complete",
         "test_fingerprint": fingerprint,
         "model": result,
+        "calibration": calib,
+        "operating_points": ops,
         "champion": champion,
         "top_k": cfg.top_k,
     }
     write_json(out / METRICS_FILE, metrics)
+    write_json(out / THRESHOLDS_FILE, thresholds)
     pd.DataFrame(result["confusion_matrix"], index=labels, columns=labels).to_csv(out / "confusion_matrix.csv")
-    summary = _markdown(result, champion, fingerprint, cfg.top_k)
+    summary = _markdown(result, champion, fingerprint, cfg.top_k, calib, ops)
     (out / "summary.md").write_text(summary)
+    mistakes = worst_mistakes([crops_root / c for c in test["crop"]], targets, probs, labels, cfg.gallery)
+    facts = {"model": ckpt["arch"], "input": f"{preprocessing.image_size} px", "test set": fingerprint}
+    _write_report(cfg, out, result, calib, ops, mistakes, facts)
 
     run_id = read_json(Path(cfg.model) / tracking.RUN_FILE, "MLflow run record")["run_id"]
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(
-            {
-                "test_top1": result["top1"],
-                f"test_top{cfg.top_k}": result[f"top{cfg.top_k}"],
-                "test_macro_f1": result["macro_f1"],
-                "test_weighted_f1": result["weighted_f1"],
-            }
-            | {f"test_f1_{label}": m["f1"] for label, m in result["per_class"].items() if math.isfinite(m["f1"])}
-        )
-        mlflow.set_tag("test_fingerprint", fingerprint)
-        mlflow.log_dict(metrics, "evaluation/metrics.json")
-        mlflow.log_text(summary, "evaluation/summary.md")
+    _log_to_mlflow(run_id, cfg, out, result, calib, ops, thresholds, metrics, summary)
 
-    report.counts = {"test_crops": len(test)}
+    report.counts = {"test_crops": len(test), "invasive_classes": len(invasive)}
     report.details.update(
         top1=result["top1"],
         macro_f1=result["macro_f1"],
+        ece=calib["ece"],
+        thresholds=thresholds["thresholds"],
+        native_flagged_rate=ops["native_flagged_rate"],
         test_fingerprint=fingerprint,
         champion_macro_f1=champion["macro_f1"] if champion else None,
     )
     report.finish(out)
     log.info(
-        "evaluate: top-1 %.3f, macro-F1 %.3f on %d test crops%s",
+        "evaluate: top-1 %.3f, macro-F1 %.3f, ECE %.3f on %d test crops%s",
         result["top1"],
         result["macro_f1"],
+        calib["ece"],
         len(test),
         f" (champion v{champion['version']}: {champion['macro_f1']:.3f})" if champion else "",
     )
+    rate = ops["native_flagged_rate"]
     return EvaluateResult(
         top1=result["top1"],
         macro_f1=result["macro_f1"],
+        ece=calib["ece"],
+        thresholds=thresholds["thresholds"],
+        native_flagged_rate=rate if math.isfinite(rate) else None,
         test_crops=len(test),
         test_fingerprint=fingerprint,
         champion=champion and {k: champion[k] for k in ("version", "macro_f1", "top1")},

@@ -2,9 +2,10 @@
 
 The model is logged as a pyfunc (see :mod:`animl_retrain.mlflow_model`) into the training run and registered
 under ``name`` with tags (KFP run id, export fingerprint, validated-annotation fingerprint and count, where the
-export is archived, label index, preprocessing, test-set fingerprint, test macro-F1). It always gets the
-``challenger`` alias; ``champion`` moves to it only when there is no champion or it beats the champion's macro-F1
-on the same test set. An evaluation that did not complete never moves it.
+export is archived, label index, preprocessing, test-set fingerprint, test macro-F1, and the invasive classes'
+confidence thresholds with the run artifact that explains them). It always gets the ``challenger`` alias;
+``champion`` moves to it only when there is no champion or it beats the champion's macro-F1 on the same test set.
+An evaluation that did not complete never moves it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pydantic import BaseModel, Field
 from animl_retrain import tracking
 from animl_retrain.common import PipelineError, Report, log, read_json, write_json
 from animl_retrain.config import StageConfig
-from animl_retrain.stages.evaluate import METRICS_FILE
+from animl_retrain.stages.evaluate import METRICS_FILE, THRESHOLDS_FILE
 from animl_retrain.stages.train import CHECKPOINT
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -87,6 +88,8 @@ def run(cfg: RegisterConfig) -> RegisterResult:
     export_report = read_json(Path(cfg.export) / "report.json", "export report")
     label_index = read_json(Path(cfg.model) / "label_index.json", "label index")
     preprocessing = read_json(Path(cfg.model) / "preprocessing.json", "preprocessing")
+    thresholds_file = Path(cfg.evaluation) / THRESHOLDS_FILE
+    thresholds = read_json(thresholds_file, "thresholds") if thresholds_file.is_file() else None
     tracking.check_server()
 
     tags = {
@@ -102,6 +105,12 @@ def run(cfg: RegisterConfig) -> RegisterResult:
         "label_index": json.dumps(label_index),
         "preprocessing": json.dumps(preprocessing),
     }
+    if thresholds is not None:
+        tags |= {
+            "invasive_thresholds": json.dumps(thresholds["thresholds"]),
+            "target_precision": str(thresholds["target_precision"]),
+            "thresholds_artifact": f"runs:/{run_id}/evaluation/{THRESHOLDS_FILE}",
+        }
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags({k: v for k, v in tags.items() if k not in ("label_index", "preprocessing")})
         info = log_model(Path(cfg.model) / CHECKPOINT)

@@ -6,24 +6,31 @@ draws one uniform number per location from ``numpy.random.default_rng(seed)``; a
 ``test_frac``, to val below ``test_frac + val_frac``, else to train. The score is the sum over classes of the
 distance of each split's share of the class from its target, plus a large penalty for every class missing
 from a split. Classes seen at fewer than ``min_locs`` locations are dropped with a message.
+
+**Frozen test set.** With ``frozen_test_uri``, the first run writes its test locations there; later runs put
+exactly those locations in test again (new locations only go to train or val), so a retrained challenger and the
+champion are scored on the same test images. ``new_test_set`` draws a new one and overwrites the file.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field, model_validator
 
-from animl_retrain import tables
+from animl_retrain import storage, tables
 from animl_retrain.common import PipelineError, Report, log, write_json
 from animl_retrain.config import StageConfig
 
 SPLITS = ("train", "val", "test")
 MISSING_PENALTY = 1000.0
 BATCH = 2048
+FROZEN_FORMAT = "animl-retrain-test-locations/1"
 
 
 class SplitConfig(StageConfig):
@@ -36,6 +43,12 @@ class SplitConfig(StageConfig):
     min_locs: int = Field(3, ge=1, description="drop classes seen at fewer locations than this")
     trials: int = Field(10_000, ge=1, le=10_000_000, description="random location assignments to score")
     seed: int = Field(0, description="random seed; the same seed gives the same split")
+    frozen_test_uri: str = Field(
+        "",
+        description="s3:// URI or path of the frozen test set: written by the first run, reused by later runs "
+        "('' = a new test set every run)",
+    )
+    new_test_set: bool = Field(False, description="ignore the frozen test set, draw a new one and overwrite it")
 
     @model_validator(mode="after")
     def _fractions(self):
@@ -52,6 +65,7 @@ class SplitResult(BaseModel):
     locations: dict[str, int]
     score: float
     test_fingerprint: str
+    frozen_test: str = ""  # "", "written" or "reused"
 
 
 def class_location_counts(crops: pd.DataFrame) -> tuple[np.ndarray, list[str], list[str]]:
@@ -91,6 +105,69 @@ def search(counts: np.ndarray, cfg: SplitConfig) -> tuple[np.ndarray, float]:
     return best, best_score
 
 
+def search_with_fixed_test(counts: np.ndarray, fixed_test: np.ndarray, cfg: SplitConfig) -> tuple[np.ndarray, float]:
+    """Like :func:`search`, with the ``fixed_test`` locations held in test and the others drawn into train or val."""
+    rng = np.random.default_rng(cfg.seed)
+    free = ~fixed_test
+    p_val = min(1.0, cfg.val_frac / (1 - cfg.test_frac))
+    best, best_score = None, np.inf
+    for start in range(0, cfg.trials, BATCH):
+        n = min(BATCH, cfg.trials - start)
+        assign = np.full((n, counts.shape[0]), 2)
+        assign[:, free] = draw_assignments(rng, n, int(free.sum()), p_val, 0.0)
+        scores = score_assignments(assign, counts, cfg.val_frac, cfg.test_frac)
+        i = int(np.argmin(scores))
+        if scores[i] < best_score:
+            best, best_score = assign[i], float(scores[i])
+    return best, best_score
+
+
+def read_frozen_test(uri: str) -> list[str] | None:
+    """The frozen test locations at ``uri``, or None when there are none yet."""
+    if not storage.exists(uri):
+        return None
+    try:
+        data = json.loads(storage.read_bytes(uri, max_bytes=64 << 20))
+        if not isinstance(data, dict) or data.get("format") != FROZEN_FORMAT or not isinstance(data["locations"], list):
+            raise ValueError(f"expected format {FROZEN_FORMAT} with a 'locations' list")
+    except (ValueError, KeyError) as e:
+        raise PipelineError(f"split: frozen test set {uri} is unreadable ({e}); fix it or pass --new-test-set") from e
+    return [str(loc) for loc in data["locations"]]
+
+
+def write_frozen_test(uri: str, locations: list[str], fingerprint: str, cfg: SplitConfig) -> None:
+    """Record the test locations for later runs."""
+    doc = {
+        "format": FROZEN_FORMAT,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "test_fingerprint": fingerprint,
+        "seed": cfg.seed,
+        "locations": sorted(locations),
+    }
+    storage.put_bytes(uri, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def _choose(counts: np.ndarray, locations: list[str], cfg: SplitConfig, report: Report) -> tuple[np.ndarray, float]:
+    """Search for the split, holding a frozen test set when there is one."""
+    frozen = None
+    if cfg.frozen_test_uri and not cfg.new_test_set:
+        frozen = read_frozen_test(cfg.frozen_test_uri)
+    if frozen is None:
+        return search(counts, cfg)
+    fixed = np.isin(np.array(locations, dtype=object), np.array(frozen, dtype=object))
+    gone = sorted(set(frozen) - set(locations))
+    if not fixed.any():
+        raise PipelineError(
+            f"split: none of the {len(frozen)} frozen test locations in {cfg.frozen_test_uri} is in this export; "
+            "pass --new-test-set to draw a new test set"
+        )
+    if gone:
+        report.problem("frozen test locations absent", f"{len(gone)} location(s)", ", ".join(gone[:10]))
+    log.info("split: reusing %d frozen test locations from %s", int(fixed.sum()), cfg.frozen_test_uri)
+    report.details["frozen_test_locations"] = int(fixed.sum())
+    return search_with_fixed_test(counts, fixed, cfg)
+
+
 def test_fingerprint(split: pd.DataFrame) -> str:
     """Identifies the exact test set: models are only compared on equal fingerprints."""
     test = split[split["split"] == "test"].sort_values("annotation_id")
@@ -116,7 +193,8 @@ def run(cfg: SplitConfig) -> SplitResult:
     counts, locations, labels = class_location_counts(crops)
     if len(locations) < 3:
         raise PipelineError(f"split: {len(locations)} location(s) cannot fill train, val and test")
-    assign, score = search(counts, cfg)
+    assign, score = _choose(counts, locations, cfg, report)
+    frozen = "reused" if "frozen_test_locations" in report.details else ""
     split_of = {loc: SPLITS[a] for loc, a in zip(locations, assign, strict=True)}
     crops = crops.assign(split=crops["location"].map(split_of))
 
@@ -130,6 +208,9 @@ def run(cfg: SplitConfig) -> SplitResult:
     }
     loc_counts = {s: sum(1 for v in split_of.values() if v == s) for s in SPLITS}
     fingerprint = test_fingerprint(crops)
+    if cfg.frozen_test_uri and not frozen:
+        write_frozen_test(cfg.frozen_test_uri, [loc for loc, sp in split_of.items() if sp == "test"], fingerprint, cfg)
+        frozen = "written"
     missing = [(s, label) for s in SPLITS for label in labels if per_split[s][label] == 0]
     for s, label in missing:
         report.problem("class missing from a split", f"{label} in {s}", "too few locations to place it everywhere")
@@ -142,7 +223,15 @@ def run(cfg: SplitConfig) -> SplitResult:
         dropped_classes=list(rare.index),
         seed=cfg.seed,
         trials=cfg.trials,
+        frozen_test=frozen,
     )
     report.finish(out)
     log.info("split: %s crops over %s locations (score %.3f)", report.counts, loc_counts, score)
-    return SplitResult(labels=labels, counts=per_split, locations=loc_counts, score=score, test_fingerprint=fingerprint)
+    return SplitResult(
+        labels=labels,
+        counts=per_split,
+        locations=loc_counts,
+        score=score,
+        test_fingerprint=fingerprint,
+        frozen_test=frozen,
+    )

