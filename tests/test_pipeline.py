@@ -53,7 +53,7 @@ def test_committed_yaml_matches_the_code(tmp_path):
 
 @pytest.mark.server
 @pytest.mark.pipeline
-def test_whole_pipeline_locally_then_load_the_champion(servers, tmp_path, monkeypatch):
+def test_whole_pipeline_locally_then_load_the_champion(servers, tmp_path, monkeypatch, capfd):
     from animl_retrain.storage import s3_client
     from tests.serving_support import moto_server
 
@@ -145,3 +145,30 @@ print(json.dumps(out.iloc[0].to_dict()))
     artifact = Path(second["run_dir"]) / "export-op" / "export" / "export.json"
     assert storage.read_bytes(report["archive_uri"]) == artifact.read_bytes()
     assert "Training skipped: no new validated annotations" in format_summary(second)
+
+    # Credentials never leak: not in any output or log, any file a stage wrote, the compiled pipeline, or MLflow.
+    secrets_used = {"S3 secret key": servers.secret_key, "Animl password": "Pipeline-pass-1!"}
+    logs = capfd.readouterr()
+    assert "record-status-op" in logs.out + logs.err  # the runs' logs were captured
+    haystacks = {"stdout": logs.out, "stderr": logs.err, "compiled pipeline": COMPILED.read_text()}
+    haystacks |= {str(p): p.read_bytes().decode("latin-1") for p in (tmp_path / "root").rglob("*") if p.is_file()}
+    haystacks |= {f"MLflow: {where}": text for where, text in mlflow_texts()}
+    assert len(haystacks) > 50
+    for what, secret in secrets_used.items():
+        leaks = [where for where, text in haystacks.items() if secret in text]
+        assert not leaks, f"the {what} appears in {leaks}"
+
+
+def mlflow_texts():
+    """Every param and tag of every run, and every tag of every registered model version, as (where, text)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for run in client.search_runs(experiments, max_results=1000):
+        yield f"run {run.info.run_id} params", json.dumps(run.data.params)
+        yield f"run {run.info.run_id} tags", json.dumps(run.data.tags)
+    for model in client.search_registered_models():
+        yield f"model {model.name} tags", json.dumps(model.tags)
+        for version in client.search_model_versions(f"name='{model.name}'"):
+            yield f"{model.name} v{version.version} tags", json.dumps(version.tags)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -23,6 +24,7 @@ from animl_retrain.stages.evaluate import METRICS_FILE, THRESHOLDS_FILE
 from animl_retrain.stages.train import CHECKPOINT
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+COMPARED_TAG, DECISION_TAG = "champion_compared", "promotion"  # what this version was compared with, and the verdict
 
 
 class RegisterConfig(StageConfig):
@@ -70,10 +72,62 @@ def decide(evaluation: dict, current_champion) -> tuple[bool, str]:
     return True, f"macro-F1 {ours:.4f} beats champion v{current_champion.version}'s {theirs:.4f}"
 
 
+def _champion(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def settle(client, name: str, version: str, rounds: int = 3, pause: float = 0.5) -> str:
+    """After ``version`` took the champion alias: undo a lost race with a concurrent registration; return the champion.
+
+    Two runs finishing together can both read the same champion, both beat it, and both move the alias: the last
+    to move it wins, even when it is the worse model. So every run that promotes looks again: among the versions
+    that were compared with the same champion on the same test set and decided to promote (tags
+    ``champion_compared``, ``test_fingerprint``, ``promotion``, all set before the alias moved), the best test
+    macro-F1 (the earliest version on a tie) gets the alias. Whichever run moved the alias last settles last and
+    sees all of them. A champion that has left the group since (a later run, or a person) is left alone.
+    """
+    mine = client.get_model_version(name, version)
+    group = {key: mine.tags.get(key, "") for key in (COMPARED_TAG, "test_fingerprint")}
+    query = " and ".join(
+        [f"name='{name}'", f"tags.{DECISION_TAG}='promoted'"]
+        + [f"tags.{key}='{value}'" for key, value in group.items()]
+    )
+    champion = str(version)
+    for attempt in range(rounds):
+        current = _champion(client, name)
+        if current is None:
+            return champion
+        contenders = {str(v.version): v for v in client.search_model_versions(query)}
+        if str(current.version) not in contenders:
+            return str(current.version)
+        best = max(contenders.values(), key=lambda v: (_score(v), -int(v.version)))
+        champion = str(best.version)
+        if champion != str(current.version):
+            log.warning(
+                "register: concurrent registrations: champion v%s -> v%s (better on the same test set)",
+                current.version,
+                champion,
+            )
+            client.set_registered_model_alias(name, CHAMPION, champion)
+        elif attempt:
+            return champion
+        time.sleep(pause)
+    return champion
+
+
+def _score(version) -> float:
+    value = float(version.tags.get("test_macro_f1", "nan"))
+    return value if math.isfinite(value) else -1.0
+
+
 def run(cfg: RegisterConfig) -> RegisterResult:
     """Log, register and alias the model; write ``registration.json``."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     from animl_retrain.mlflow_model import log_model
 
@@ -117,13 +171,16 @@ def run(cfg: RegisterConfig) -> RegisterResult:
     client = mlflow.MlflowClient()
     version = mlflow.register_model(info.model_uri, cfg.name, tags=tags)
     client.set_registered_model_alias(cfg.name, CHALLENGER, version.version)
-    try:
-        current = client.get_model_version_by_alias(cfg.name, CHAMPION)
-    except MlflowException:
-        current = None
+    current = _champion(client, cfg.name)
     promoted, reason = decide(evaluation, current)
+    # Recorded before the alias moves, so that a registration racing this one sees it when it settles.
+    client.set_model_version_tag(cfg.name, version.version, COMPARED_TAG, current.version if current else "none")
+    client.set_model_version_tag(cfg.name, version.version, DECISION_TAG, "promoted" if promoted else "kept")
     if promoted:
         client.set_registered_model_alias(cfg.name, CHAMPION, version.version)
+        settled = settle(client, cfg.name, version.version)
+        if settled != str(version.version):
+            promoted, reason = False, f"{reason}, but concurrent registration v{settled} beats it on the same test set"
     aliases = [CHALLENGER] + ([CHAMPION] if promoted else [])
 
     result = RegisterResult(

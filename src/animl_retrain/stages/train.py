@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from animl_retrain import resume, tables, tracking
-from animl_retrain.common import PipelineError, Report, log, read_json, write_json
+from animl_retrain.common import PipelineError, Report, log, read_json, redact_url, write_json
 from animl_retrain.config import StageConfig
 from animl_retrain.data import CropDataset, EpochSampler, decode_crops, make_loader
 from animl_retrain.metrics import classification_report
@@ -432,10 +432,30 @@ def _log_missing_epochs(run_id: str, history: list[dict[str, float]]) -> None:
             mlflow.log_metrics(metrics, step=epoch)
 
 
+def _tracking_lost(error: Exception, progress: Progress, location: str) -> PipelineError:
+    """The error for a tracking server that stopped answering mid-run (after MLflow's own HTTP retries)."""
+    detail = redact_url(str(error).strip().splitlines()[0][:300])
+    then = (
+        f"the checkpoint at {redact_url(location)} is kept: a retry resumes from it in the same MLflow run"
+        if location
+        else "nothing can be resumed: set checkpoint_uri so that a retry continues where this one stopped"
+    )
+    return PipelineError(
+        f"train: the MLflow tracking server {redact_url(tracking.tracking_uri())} failed during epoch "
+        f"{progress.epoch} ({detail}); no model was written and nothing was registered; {then}"
+    )
+
+
 def run(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume training), log to MLflow and write the best checkpoint."""
+    """Train (or resume training), log to MLflow and write the best checkpoint.
+
+    The tracking server is checked before anything starts; if it stops answering later, MLflow's client retries
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``) and then the stage fails with a
+    :class:`PipelineError` without writing a model, so nothing downstream registers a run with missing metrics.
+    """
     import mlflow
     import torch
+    from mlflow.exceptions import MlflowException
 
     report = Report("train")
     tracking.check_server()
@@ -471,28 +491,31 @@ def run(cfg: TrainConfig) -> TrainResult:
         progress = restore(state, parts) if state is not None else Progress()
         resumed_from = f"epoch {progress.epoch} step {progress.step}" if state is not None else ""
 
-        active, reopened = _start_mlflow(cfg, store, state)
-        with active:
-            run_id = active.info.run_id
-            if not reopened or not mlflow.get_run(run_id).data.params:
-                _log_run_start(cfg, {"train": len(train_ds), "val": len(val_ds)}, index, preprocessing)
-            if reopened:
-                log.info("train: resuming MLflow run %s from %s", run_id, resumed_from or "its start")
-                mlflow.set_tag("resumed_from", resumed_from or "start")
-                _log_missing_epochs(run_id, progress.history)
+        try:
+            active, reopened = _start_mlflow(cfg, store, state)
+            with active:
+                run_id = active.info.run_id
+                if not reopened or not mlflow.get_run(run_id).data.params:
+                    _log_run_start(cfg, {"train": len(train_ds), "val": len(val_ds)}, index, preprocessing)
+                if reopened:
+                    log.info("train: resuming MLflow run %s from %s", run_id, resumed_from or "its start")
+                    mlflow.set_tag("resumed_from", resumed_from or "start")
+                    _log_missing_epochs(run_id, progress.history)
 
-            def save() -> None:
-                if store is not None:
-                    store.save(snapshot(parts, progress, settings, data, run_id))
+                def save() -> None:
+                    if store is not None:
+                        store.save(snapshot(parts, progress, settings, data, run_id))
 
-            loaders = (sampler, train_loader, val_loader)
-            _train_loop(cfg, parts, progress, loaders, preprocessing, device, labels, save, report)
-            if progress.best_state is None:
-                raise PipelineError(f"train: {cfg.monitor} was never a number; the run learned nothing usable")
-            model.load_state_dict(progress.best_state)
-            best = progress.best_metrics
-            mlflow.log_metrics({"best_epoch": progress.best_epoch, **{f"best_{k}": v for k, v in best.items()}})
-            mlflow.set_tag("stop_reason", progress.stop_reason)
+                loaders = (sampler, train_loader, val_loader)
+                _train_loop(cfg, parts, progress, loaders, preprocessing, device, labels, save, report)
+                if progress.best_state is None:
+                    raise PipelineError(f"train: {cfg.monitor} was never a number; the run learned nothing usable")
+                model.load_state_dict(progress.best_state)
+                best = progress.best_metrics
+                mlflow.log_metrics({"best_epoch": progress.best_epoch, **{f"best_{k}": v for k, v in best.items()}})
+                mlflow.set_tag("stop_reason", progress.stop_reason)
+        except MlflowException as e:
+            raise _tracking_lost(e, progress, location) from None
 
     epochs_run = len(progress.history)
     _write_outputs(cfg, model, labels, index, preprocessing, progress, run_id)
