@@ -1,3 +1,4 @@
+import json
 import time
 
 import pytest
@@ -21,3 +22,23 @@ def test_load_and_stop_without_servers(tmp_path):
     with pytest.raises(PipelineError, match="not running"):
         services.load(tmp_path)
     assert services.stop(tmp_path) == []
+
+
+def test_a_port_taken_while_stopped_moves_the_server_and_keeps_the_data(tmp_path):
+    import socket
+
+    svc = services.start(tmp_path, mlflow=False)
+    try:
+        assert svc.s3_port != services.PREFERRED["s3"]  # only `make run`'s own state takes the well-known ports
+        services.s3_admin_client(svc).put_object(Bucket=services.MLFLOW_BUCKET, Key="kept", Body=b"data")
+        services.stop(tmp_path)
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", svc.s3_port))
+            squatter.listen()
+            moved = services.start(tmp_path, mlflow=False)
+        assert moved.s3_port != svc.s3_port and moved.secret_key == svc.secret_key
+        assert services.Services(**json.loads((tmp_path / services.STATE_FILE).read_text())) == moved
+        body = services.s3_admin_client(moved).get_object(Bucket=services.MLFLOW_BUCKET, Key="kept")["Body"].read()
+        assert body == b"data"
+    finally:
+        services.stop(tmp_path)

@@ -20,7 +20,7 @@ import sys
 import sysconfig
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from animl_retrain.common import PipelineError, log
@@ -171,10 +171,13 @@ def _load_or_create(state: Path) -> Services:
         data = json.loads(path.read_text())
         return Services(**data)
     state.mkdir(parents=True, exist_ok=True)
+    # The well-known ports only for the default state (make run); tests and benchmarks take any free port, so
+    # that they never hold the ports `make run` comes back to.
+    preferred = PREFERRED if state == default_state_dir() else {}
     svc = Services(
         state_dir=str(state),
-        s3_port=_free_port(PREFERRED["s3"]),
-        mlflow_port=_free_port(PREFERRED["mlflow"]),
+        s3_port=_free_port(preferred.get("s3")),
+        mlflow_port=_free_port(preferred.get("mlflow")),
         weed_ports={
             k: _free_port()
             for k in ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc")
@@ -182,9 +185,32 @@ def _load_or_create(state: Path) -> Services:
         access_key="animl" + secrets.token_hex(6),
         secret_key=secrets.token_urlsafe(24),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _save(svc, state)
+    return svc
+
+
+def _save(svc: Services, state: Path) -> None:
+    fd = os.open(state / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(asdict(svc), f, indent=2)
+
+
+def _move_off_busy_ports(svc: Services, state: Path, server: str) -> Services:
+    """Before (re)starting ``server``: any of its recorded ports another process took since is replaced.
+
+    The data does not depend on the ports (MLflow proxies artifacts through its own address), so moving is safe.
+    """
+    if server == "seaweedfs":
+        changes = {"s3_port": _free_port(svc.s3_port)}
+        changes["weed_ports"] = {k: _free_port(p) for k, p in svc.weed_ports.items()}
+    else:
+        changes = {"mlflow_port": _free_port(svc.mlflow_port)}
+    moved = {k: v for k, v in changes.items() if v != getattr(svc, k)}
+    if not moved:
+        return svc
+    log.warning("%s: recorded port(s) in use by another process; moving to %s", server, moved)
+    svc = replace(svc, **moved)
+    _save(svc, state)
     return svc
 
 
@@ -285,10 +311,12 @@ def start(state_dir: Path | None = None, *, mlflow: bool = True) -> Services:
     state = Path(state_dir or default_state_dir()).resolve()
     svc = _load_or_create(state)
     if _alive(state, "seaweedfs") is None:
+        svc = _move_off_busy_ports(svc, state, "seaweedfs")
         log.info("starting SeaweedFS S3 on %s", svc.s3_endpoint)
         _start_seaweedfs(svc, state)
     ensure_buckets(svc, [MLFLOW_BUCKET])
     if mlflow and _alive(state, "mlflow") is None:
+        svc = _move_off_busy_ports(svc, state, "mlflow")
         log.info("starting MLflow on %s (first start migrates its database: ~20 s)", svc.mlflow_uri)
         _start_mlflow(svc, state)
     return svc
