@@ -22,7 +22,16 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from animl_retrain import storage, tables
-from animl_retrain.common import PipelineError, Report, UnsafePathError, atomic_path, log, safe_relpath
+from animl_retrain.common import (
+    DiskFullError,
+    PipelineError,
+    Report,
+    UnsafePathError,
+    atomic_path,
+    log,
+    remove_partial_files,
+    safe_relpath,
+)
 from animl_retrain.config import StageConfig
 from animl_retrain.images import DEFAULT_MAX_PIXELS, BadImageError, verify_image
 
@@ -163,6 +172,8 @@ def _fetch_one(source: _Source, row: dict, dest_root: Path, cfg: DownloadConfig)
         return "missing", 0, str(e)
     except (BadImageError, UnsafePathError) as e:
         return "corrupt", 0, str(e)
+    except DiskFullError:
+        raise  # every other write would fail the same way: stop, keeping the complete files
     except Exception as e:
         return "failed", 0, storage.describe_s3_error(e, row["key"]) if source.local is None else str(e)
     raise AssertionError("unreachable")
@@ -173,11 +184,13 @@ def run(cfg: DownloadConfig) -> DownloadResult:
     report = Report("download")
     images = tables.read_table(Path(cfg.export) / "images.csv", tables.IMAGES)
     wanted = images[(images["n_objects"] > 0) | images["needs_detection"]]
-    for f in wanted["file"]:
+    for f, key in zip(wanted["file"], wanted["key"], strict=True):
         safe_relpath(f, "file")  # the export stage checked these; never trust a table blindly
+        safe_relpath(key, "image key")  # nor read outside the images prefix or folder
     source = _Source(cfg.images_uri, cfg.workers)
     dest_root = Path(cfg.out) / IMAGES_DIR
     dest_root.mkdir(parents=True, exist_ok=True)
+    report.details["removed_partial_files"] = remove_partial_files(dest_root)
 
     rows = wanted.to_dict("records")
     statuses: list[str] = []
