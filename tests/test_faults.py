@@ -73,7 +73,7 @@ def partial_files(root: Path) -> list[Path]:
 
 # --- the S3 server killed in the middle of a download, then restarted -------------------------------------------
 
-N_OBJECTS = 240
+N_OBJECTS = 160
 
 
 def noisy_jpeg(i: int) -> bytes:

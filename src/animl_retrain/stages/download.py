@@ -6,7 +6,8 @@ else its MD5 ETag, and atomic writes (a killed run never leaves a half-written f
 Each image is checked to be whole without decoding it (:func:`animl_retrain.images.verify_image`; the crop
 stage decodes it anyway). Missing objects and truncated or undecodable images are listed in ``report.json``
 and skipped; the stage fails above ``max_missing_fraction`` or when objects could not be fetched at all (a
-dead endpoint), so that nothing is lost silently. ``images.csv`` lists the images on disk.
+dead endpoint), so that nothing is lost silently. An endpoint that dies mid-run is given up on after one object
+has spent its retries on it, rather than once per object. ``images.csv`` lists the images on disk.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import random
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -146,9 +148,24 @@ def _is_transient(exc: Exception) -> bool:
     return isinstance(exc, OSError | BotoCoreError)
 
 
-def _fetch_one(source: _Source, row: dict, dest_root: Path, cfg: DownloadConfig) -> tuple[str, int, str]:
-    """Fetch one image; return (status, bytes, detail) with status in ok/present/missing/corrupt/failed."""
+def _unreachable(exc: Exception) -> bool:
+    """Whether ``exc`` says the S3 endpoint does not answer at all (connection refused or closed)."""
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+
+    return isinstance(exc, EndpointConnectionError | ConnectionClosedError)
+
+
+def _fetch_one(
+    source: _Source, row: dict, dest_root: Path, cfg: DownloadConfig, down: threading.Event
+) -> tuple[str, int, str]:
+    """Fetch one image; return (status, bytes, detail) with status in ok/present/missing/corrupt/failed.
+
+    Once one fetch has found the endpoint unreachable after all its retries (``down`` set), the rest are not
+    tried: each would spend its own retries on a dead server. They are reported as failed; a re-run resumes.
+    """
     dest = dest_root / row["file"]
+    if down.is_set():
+        return "failed", 0, "not tried: the S3 endpoint stopped answering during this run"
     try:
         key = row["key"]
         if dest.is_file():
@@ -175,6 +192,8 @@ def _fetch_one(source: _Source, row: dict, dest_root: Path, cfg: DownloadConfig)
     except DiskFullError:
         raise  # every other write would fail the same way: stop, keeping the complete files
     except Exception as e:
+        if source.local is None and _unreachable(e):
+            down.set()
         return "failed", 0, storage.describe_s3_error(e, row["key"]) if source.local is None else str(e)
     raise AssertionError("unreachable")
 
@@ -196,7 +215,8 @@ def run(cfg: DownloadConfig) -> DownloadResult:
     statuses: list[str] = []
     total_bytes = 0
     with ThreadPoolExecutor(cfg.workers) as pool:
-        results = pool.map(lambda r: _fetch_one(source, r, dest_root, cfg), rows)
+        down = threading.Event()
+        results = pool.map(lambda r: _fetch_one(source, r, dest_root, cfg, down), rows)
         for row, (status, nbytes, detail) in tqdm(
             zip(rows, results, strict=True), total=len(rows), desc="download", disable=None
         ):
