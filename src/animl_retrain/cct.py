@@ -15,6 +15,8 @@ from typing import Any
 from animl_retrain.common import PipelineError
 
 MAX_ERRORS_SHOWN = 15
+# Image sides above this are a broken or hostile record (the largest camera-trap frames are ~10,000 px wide).
+MAX_SIDE = 1_000_000
 
 
 @dataclass
@@ -45,7 +47,12 @@ class _Errors:
 
 
 def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _record_name(kind: str, index: int, record: object) -> str:
@@ -61,6 +68,8 @@ def decode(raw: bytes, where: str) -> dict[str, Any]:
         raise PipelineError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise PipelineError(f"{where}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise PipelineError(f"{where}: not valid JSON: {e}") from e
     except RecursionError as e:
         raise PipelineError(f"{where}: JSON nested too deeply to be an Animl export") from e
     if not isinstance(data, dict):
@@ -114,8 +123,8 @@ def parse(data: dict[str, Any], where: str) -> Export:
             errors.add(f"{name}: needs 'serving_bucket_key' (or legacy 'original_relative_path') as a string")
         for dim in ("width", "height"):
             v = img.get(dim)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                errors.add(f"{name}: '{dim}' must be a positive integer when present, got {v!r}")
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_SIDE):
+                errors.add(f"{name}: '{dim}' must be a positive integer up to {MAX_SIDE} when present, got {v!r:.40}")
         for opt in ("location", "datetime"):
             v = img.get(opt)
             if v is not None and not isinstance(v, str):
@@ -140,11 +149,11 @@ def parse(data: dict[str, Any], where: str) -> Export:
         image_id, cat_id = ann.get("image_id"), ann.get("category_id")
         if not isinstance(image_id, str | int) or str(image_id) not in images:
             errors.add(f"{name}: image_id {image_id!r} is not in images")
-        if not isinstance(cat_id, int) or cat_id not in categories:
+        if not isinstance(cat_id, int) or isinstance(cat_id, bool) or cat_id not in categories:
             errors.add(f"{name}: category_id {cat_id!r} is not in categories")
         bbox = ann.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            errors.add(f"{name}: 'bbox' must be [x, y, width, height] of finite numbers, got {bbox!r}")
+            errors.add(f"{name}: 'bbox' must be [x, y, width, height] of finite numbers, got {bbox!r:.80}")
         elif bbox[2] <= 0 or bbox[3] <= 0:
             errors.add(f"{name}: bbox {bbox} has negative or zero size")
         validated = ann.get("validated")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -24,6 +25,13 @@ class PipelineError(Exception):
 
 class UnsafePathError(PipelineError):
     """A path from the input would leave the folder it must stay in."""
+
+
+class DiskFullError(PipelineError):
+    """A write failed because the file system is full (or the quota is spent); nothing was left half-written."""
+
+
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -57,21 +65,58 @@ def safe_filename(text: str, max_len: int = 120) -> str:
     return stem[:max_len]
 
 
+# The temporary name :func:`atomic_path` writes under: ``.<name>.<8 random characters>.part``.
+_PART = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.part$")
+
+
+def _disk_full(e: OSError, path: Path) -> DiskFullError:
+    return DiskFullError(
+        f"cannot write {path}: {_DISK_FULL[e.errno]} (errno {e.errno}); free space there and re-run: "
+        "files already written are complete and are kept"
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds.
 
-    Readers never see a half-written file under the final name.
+    Readers never see a half-written file under the final name. A full disk (or spent quota) becomes a
+    :class:`DiskFullError` naming ``path``; the temporary file is removed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise _disk_full(e, path) from e
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise _disk_full(e, path) from e
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def remove_partial_files(folder: Path) -> int:
+    """Delete the temporary files that writes killed mid-way (by SIGKILL or power loss) left under ``folder``.
+
+    Only names :func:`atomic_path` makes are touched; returns how many were removed.
+    """
+    removed = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if _PART.match(name):
+                Path(root, name).unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("removed %d partial file(s) a killed run left under %s", removed, folder)
+    return removed
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -88,6 +133,12 @@ def read_json(path: Path, what: str | None = None) -> Any:
         raise PipelineError(f"{what or 'file'} not found: {path}") from e
     except json.JSONDecodeError as e:
         raise PipelineError(f"{what or path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{what or path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise PipelineError(f"{what or path} is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise PipelineError(f"{what or path} is JSON nested too deeply") from e
 
 
 class Report:

@@ -105,9 +105,15 @@ def load_label_spec(source: str) -> LabelSpec:
     """Load a label spec from inline JSON, a local path or an ``s3://`` URI."""
     text = source.strip()
     where = "inline label spec" if text.startswith("{") else f"label spec {source}"
-    raw = text if text.startswith("{") else storage.read_bytes(source, max_bytes=MAX_SPEC_BYTES).decode()
+    raw = text if text.startswith("{") else storage.read_bytes(source, max_bytes=MAX_SPEC_BYTES)
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
         raise PipelineError(f"{where}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise PipelineError(f"{where}: not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise PipelineError(f"{where}: JSON nested too deeply to be a label spec") from e
     return parse_label_spec(data, where)

@@ -58,6 +58,31 @@ def normalise_box(x: float, y: float, w: float, h: float, width: int, height: in
     return box, clipped
 
 
+def _finite(v: object) -> bool:
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def box_problem(bbox: object) -> str | None:
+    """Why a normalised ``[x, y, w, h]`` box cannot be cropped, or None when it can.
+
+    Unusable: not four finite numbers, no area, or wholly outside the frame. A box partly outside the frame is
+    usable: the crop is zero-padded there.
+    """
+    if not isinstance(bbox, list | tuple) or len(bbox) != 4 or not all(_finite(v) for v in bbox):
+        return f"bbox {bbox!r:.80} is not four finite numbers"
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        return f"bbox {list(bbox)} has zero or negative size"
+    if x >= 1 or y >= 1 or x + w <= 0 or y + h <= 0:
+        return f"bbox {list(bbox)} lies wholly outside the image (coordinates are normalised to 0..1)"
+    return None
+
+
 def is_full_frame(bbox: list[float]) -> bool:
     """Whether a normalised ``[x, y, w, h]`` box is an image-level label rather than a located animal."""
     return bbox[2] >= FULL_FRAME_COVER and bbox[3] >= FULL_FRAME_COVER
@@ -78,8 +103,20 @@ def read_results(path: Path) -> dict[str, Any]:
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict) or not isinstance(im.get("file"), str):
             raise PipelineError(f"{path}: images[{i}] has no 'file'")
-        for j, det in enumerate(im.get("detections") or []):
+        detections = im.get("detections")
+        if detections is not None and not isinstance(detections, list):
+            raise PipelineError(f"{path}: images[{i}] ({im['file']!r:.200}) 'detections' must be a list or null")
+        for j, det in enumerate(detections or []):
+            where = f"{path}: images[{i}] ({im['file']!r:.200}) detections[{j}]"
             box = det.get("bbox") if isinstance(det, dict) else None
-            if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, int | float) for v in box):
-                raise PipelineError(f"{path}: images[{i}] ({im['file']}) detections[{j}] has no valid 'bbox'")
+            if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+                raise PipelineError(f"{where} has no valid 'bbox'")
+            if "conf" in det and not _is_number(det["conf"]):
+                raise PipelineError(f"{where}: 'conf' must be a number, got {det['conf']!r:.40}")
+            if "category" in det and not isinstance(det["category"], str):
+                raise PipelineError(f"{where}: 'category' must be a string, got {det['category']!r:.40}")
     return data
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)

@@ -55,6 +55,15 @@ class BadRequest(Exception):
         self.status = status
 
 
+def _finite_number(v: Any) -> bool:
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def parse_bbox(value: Any) -> tuple[float, float, float, float]:
     """Animl's ``[ymin, xmin, ymax, xmax]`` from a list or a string; checked to lie in 0..1 and not be inverted."""
     if value is None:
@@ -63,12 +72,12 @@ def parse_bbox(value: Any) -> tuple[float, float, float, float]:
         text = value.strip()
         try:
             value = json.loads(text) if text.startswith("[") else [float(v) for v in text.split(",")]
-        except ValueError as e:
-            raise BadRequest(f"bbox {value!r} is not four numbers [ymin, xmin, ymax, xmax]") from e
+        except (ValueError, RecursionError) as e:
+            raise BadRequest(f"bbox {value!r:.100} is not four numbers [ymin, xmin, ymax, xmax]") from e
     if not isinstance(value, list | tuple) or len(value) != 4:
-        raise BadRequest(f"bbox must be four numbers [ymin, xmin, ymax, xmax], got {value!r}")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-        raise BadRequest(f"bbox must be four finite numbers, got {value!r}")
+        raise BadRequest(f"bbox must be four numbers [ymin, xmin, ymax, xmax], got {value!r:.100}")
+    if not all(_finite_number(v) for v in value):
+        raise BadRequest(f"bbox must be four finite numbers, got {value!r:.100}")
     ymin, xmin, ymax, xmax = (float(v) for v in value)
     if not all(0.0 <= v <= 1.0 for v in (ymin, xmin, ymax, xmax)):
         raise BadRequest(f"bbox {list(value)} is not normalised: every value must lie in 0..1")
@@ -104,6 +113,10 @@ def parse_request(payload: Any) -> tuple[bytes, tuple[float, float, float, float
             payload = json.loads(payload)
         except json.JSONDecodeError as e:
             raise BadRequest(f"request body is not JSON: {e.msg} at column {e.colno}") from e
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise BadRequest(f"request body is not usable JSON: {e}") from e
+        except RecursionError as e:
+            raise BadRequest("request body is JSON nested too deeply") from e
     if not isinstance(payload, dict):
         raise BadRequest('request body must be a JSON object {"image": ..., "bbox": [ymin, xmin, ymax, xmax]}')
     return decode_base64_image(payload.get("image")), parse_bbox(payload.get("bbox"))

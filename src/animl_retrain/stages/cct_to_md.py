@@ -14,7 +14,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from animl_retrain import mdformat, tables
-from animl_retrain.common import Report, log, read_json
+from animl_retrain.common import Report, log, read_json, safe_relpath
 from animl_retrain.config import StageConfig
 from animl_retrain.images import BadImageError, image_size
 from animl_retrain.stages.download import IMAGES_DIR
@@ -115,4 +115,4 @@ def _dimensions(img, image_root: Path) -> tuple[int, int]:
     """Width and height from the export (the frame its pixel boxes are in), else from the file's header."""
     if not pd.isna(img["width"]) and not pd.isna(img["height"]):
         return int(img["width"]), int(img["height"])
-    return image_size(image_root / img["file"])
+    return image_size(image_root / safe_relpath(img["file"], "file"))

@@ -22,7 +22,15 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from animl_retrain import mdformat, tables
-from animl_retrain.common import PipelineError, Report, atomic_path, log, safe_filename, safe_relpath
+from animl_retrain.common import (
+    PipelineError,
+    Report,
+    atomic_path,
+    log,
+    remove_partial_files,
+    safe_filename,
+    safe_relpath,
+)
 from animl_retrain.config import StageConfig
 from animl_retrain.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
 from animl_retrain.preprocessing import cut_square, draft_scale
@@ -97,8 +105,14 @@ def _ground_truth_boxes(results: dict, by_file: pd.DataFrame, report: Report) ->
         dets = boxes.setdefault(file, [])
         for det in im.get("detections") or []:
             cls = det.get("classifications") or []
-            if not cls or str(cls[0][0]) not in labels:
+            if not isinstance(cls, list) or not cls or not isinstance(cls[0], list) or not cls[0]:
+                cls = [[None]]
+            if str(cls[0][0]) not in labels:
                 report.problem("box without a class", file, f"detection {det.get('annotation_id', '?')}")
+                continue
+            why = mdformat.box_problem(det["bbox"])
+            if why:
+                report.problem("unusable box", file, f"detection {det.get('annotation_id', '?')}: {why}")
                 continue
             dets.append(
                 _row(meta, file, labels[str(cls[0][0])], det, "ground_truth", det.get("annotation_id"), len(dets))
@@ -154,9 +168,17 @@ def _detector_boxes(
             continue  # the detect stage reported a failure; ground truth (if any) stands in
         safe_relpath(file, "results file entry")
         labels = sorted({row["label"] for row in ground_truth.get(file, [])})
-        kept = [d for d in im.get("detections") or [] if d["conf"] >= threshold]
-        excluded.update(mdformat.DETECTION_CATEGORIES.get(d["category"], "other") for d in kept)
-        animals = [d for d in kept if d["category"] == mdformat.ANIMAL]
+        kept = []
+        for k, d in enumerate(im.get("detections") or []):
+            if d.get("conf", 0) < threshold:
+                continue
+            why = mdformat.box_problem(d["bbox"])
+            if why:
+                report.problem("unusable box", file, f"detector box {k}: {why}")
+                continue
+            kept.append(d)
+        excluded.update(mdformat.DETECTION_CATEGORIES.get(d.get("category"), "other") for d in kept)
+        animals = [d for d in kept if d.get("category") == mdformat.ANIMAL]
         if not animals:
             report.problem("no animal found by the detector", file, f"no animal detection at >= {threshold}")
             boxes[file] = []
@@ -197,9 +219,9 @@ def _jobs_from_results(
     by_file = images.set_index("file")
     boxes = _ground_truth_boxes(results, by_file, report)
     if detections is not None and cfg.box_source != "ground_truth":
-        threshold = cfg.detection_threshold or (detections["info"].get("detector_metadata") or {}).get(
-            "typical_detection_threshold", 0.2
-        )
+        info = detections.get("info") if isinstance(detections.get("info"), dict) else {}
+        metadata = info.get("detector_metadata") if isinstance(info.get("detector_metadata"), dict) else {}
+        threshold = cfg.detection_threshold or metadata.get("typical_detection_threshold", 0.2)
         report.details["detection_threshold"] = threshold
         skip = _located(boxes) if cfg.box_source == "both" else set()
         detected = _detector_boxes(detections, boxes, by_file, threshold, report, skip)
@@ -225,6 +247,7 @@ def run(cfg: CropConfig) -> CropResult:
     images = tables.read_table(Path(cfg.images) / "images.csv", tables.IMAGES)
     out_root = Path(cfg.out) / CROPS_DIR
     out_root.mkdir(parents=True, exist_ok=True)
+    report.details["removed_partial_files"] = remove_partial_files(out_root)
     jobs = _jobs_from_results(results, detections, images, cfg, out_root, report)
 
     rows: list[dict] = []

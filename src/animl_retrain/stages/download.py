@@ -6,7 +6,8 @@ else its MD5 ETag, and atomic writes (a killed run never leaves a half-written f
 Each image is checked to be whole without decoding it (:func:`animl_retrain.images.verify_image`; the crop
 stage decodes it anyway). Missing objects and truncated or undecodable images are listed in ``report.json``
 and skipped; the stage fails above ``max_missing_fraction`` or when objects could not be fetched at all (a
-dead endpoint), so that nothing is lost silently. ``images.csv`` lists the images on disk.
+dead endpoint), so that nothing is lost silently. An endpoint that dies mid-run is given up on after one object
+has spent its retries on it, rather than once per object. ``images.csv`` lists the images on disk.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import random
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +24,16 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from animl_retrain import storage, tables
-from animl_retrain.common import PipelineError, Report, UnsafePathError, atomic_path, log, safe_relpath
+from animl_retrain.common import (
+    DiskFullError,
+    PipelineError,
+    Report,
+    UnsafePathError,
+    atomic_path,
+    log,
+    remove_partial_files,
+    safe_relpath,
+)
 from animl_retrain.config import StageConfig
 from animl_retrain.images import DEFAULT_MAX_PIXELS, BadImageError, verify_image
 
@@ -137,9 +148,24 @@ def _is_transient(exc: Exception) -> bool:
     return isinstance(exc, OSError | BotoCoreError)
 
 
-def _fetch_one(source: _Source, row: dict, dest_root: Path, cfg: DownloadConfig) -> tuple[str, int, str]:
-    """Fetch one image; return (status, bytes, detail) with status in ok/present/missing/corrupt/failed."""
+def _unreachable(exc: Exception) -> bool:
+    """Whether ``exc`` says the S3 endpoint does not answer at all (connection refused or closed)."""
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+
+    return isinstance(exc, EndpointConnectionError | ConnectionClosedError)
+
+
+def _fetch_one(
+    source: _Source, row: dict, dest_root: Path, cfg: DownloadConfig, down: threading.Event
+) -> tuple[str, int, str]:
+    """Fetch one image; return (status, bytes, detail) with status in ok/present/missing/corrupt/failed.
+
+    Once one fetch has found the endpoint unreachable after all its retries (``down`` set), the rest are not
+    tried: each would spend its own retries on a dead server. They are reported as failed; a re-run resumes.
+    """
     dest = dest_root / row["file"]
+    if down.is_set():
+        return "failed", 0, "not tried: the S3 endpoint stopped answering during this run"
     try:
         key = row["key"]
         if dest.is_file():
@@ -163,7 +189,11 @@ def _fetch_one(source: _Source, row: dict, dest_root: Path, cfg: DownloadConfig)
         return "missing", 0, str(e)
     except (BadImageError, UnsafePathError) as e:
         return "corrupt", 0, str(e)
+    except DiskFullError:
+        raise  # every other write would fail the same way: stop, keeping the complete files
     except Exception as e:
+        if source.local is None and _unreachable(e):
+            down.set()
         return "failed", 0, storage.describe_s3_error(e, row["key"]) if source.local is None else str(e)
     raise AssertionError("unreachable")
 
@@ -173,17 +203,20 @@ def run(cfg: DownloadConfig) -> DownloadResult:
     report = Report("download")
     images = tables.read_table(Path(cfg.export) / "images.csv", tables.IMAGES)
     wanted = images[(images["n_objects"] > 0) | images["needs_detection"]]
-    for f in wanted["file"]:
+    for f, key in zip(wanted["file"], wanted["key"], strict=True):
         safe_relpath(f, "file")  # the export stage checked these; never trust a table blindly
+        safe_relpath(key, "image key")  # nor read outside the images prefix or folder
     source = _Source(cfg.images_uri, cfg.workers)
     dest_root = Path(cfg.out) / IMAGES_DIR
     dest_root.mkdir(parents=True, exist_ok=True)
+    report.details["removed_partial_files"] = remove_partial_files(dest_root)
 
     rows = wanted.to_dict("records")
     statuses: list[str] = []
     total_bytes = 0
     with ThreadPoolExecutor(cfg.workers) as pool:
-        results = pool.map(lambda r: _fetch_one(source, r, dest_root, cfg), rows)
+        down = threading.Event()
+        results = pool.map(lambda r: _fetch_one(source, r, dest_root, cfg, down), rows)
         for row, (status, nbytes, detail) in tqdm(
             zip(rows, results, strict=True), total=len(rows), desc="download", disable=None
         ):

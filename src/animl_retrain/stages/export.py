@@ -333,6 +333,12 @@ def _image_rows(export: cct.Export, report: Report) -> dict[str, dict]:
         except UnsafePathError as e:
             report.problem("unsafe file_name", f"image {iid!r}", str(e))
             continue
+        key = img.get("serving_bucket_key") or img.get("original_relative_path")
+        try:
+            safe_relpath(key, "serving_bucket_key")  # never read outside the images bucket's prefix or folder
+        except UnsafePathError as e:
+            report.problem("unsafe serving_bucket_key", f"image {iid!r}", str(e))
+            continue
         if file in files:
             report.problem("duplicate file_name", f"image {iid!r}", f"{file!r} is also image {files[file]!r}")
             continue
@@ -344,7 +350,7 @@ def _image_rows(export: cct.Export, report: Report) -> dict[str, dict]:
         rows[iid] = {
             "image_id": iid,
             "file": file,
-            "key": img.get("serving_bucket_key") or img.get("original_relative_path"),
+            "key": key,
             "location": location,
             "datetime": img.get("datetime") or "",
             "width": img.get("width"),

@@ -65,7 +65,7 @@ def run(cfg: PredictConfig) -> PredictResult:
     labels = classifier.labels
     wanted = {str(c) for c in cfg.categories}
     pending: list[tuple[dict, object]] = []  # (detection, crop)
-    stale = classified = skipped = 0
+    stale = classified = skipped = unusable = 0
 
     def flush() -> None:
         nonlocal classified
@@ -90,6 +90,17 @@ def run(cfg: PredictConfig) -> PredictResult:
         ]
         if not dets or im.get("failure"):
             continue
+        usable = []
+        for det in dets:
+            why = mdformat.box_problem(det["bbox"])
+            if why:
+                report.problem("box not classified", im["file"], why)
+                unusable += 1
+            else:
+                usable.append(det)
+        dets = usable
+        if not dets:
+            continue
         try:
             path = Path(cfg.images) / safe_relpath(im["file"], "results file entry")
             crops = _crops_of(path, dets, classifier.preprocessing)
@@ -103,6 +114,8 @@ def run(cfg: PredictConfig) -> PredictResult:
     if pending:
         flush()
 
+    if not isinstance(results.get("info"), dict):
+        results["info"] = {}
     results["classification_categories"] = {str(i): label for i, label in enumerate(labels)}
     results["info"]["classifier"] = str(Path(cfg.model).name)
     results["info"]["classification_completion_time"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -119,6 +132,8 @@ def run(cfg: PredictConfig) -> PredictResult:
     report.counts = {"images": len(results["images"]), "classified": classified, "skipped_images": skipped}
     if stale:
         report.counts["replaced_classifications"] = stale
+    if unusable:
+        report.counts["unusable_boxes"] = unusable
     report.finish(out)
     if skipped and not classified:
         raise PipelineError(f"predict: none of the images could be classified; see {out / 'report.json'}")
