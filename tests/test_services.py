@@ -33,6 +33,7 @@ def test_a_port_taken_while_stopped_moves_the_server_and_keeps_the_data(tmp_path
         services.s3_admin_client(svc).put_object(Bucket=services.MLFLOW_BUCKET, Key="kept", Body=b"data")
         services.stop(tmp_path)
         with socket.socket() as squatter:
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the port may still be in TIME_WAIT
             squatter.bind(("127.0.0.1", svc.s3_port))
             squatter.listen()
             moved = services.start(tmp_path, mlflow=False)

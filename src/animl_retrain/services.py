@@ -27,6 +27,7 @@ from animl_retrain.common import PipelineError, log
 
 MLFLOW_BUCKET = "mlflow-artifacts"
 STATE_FILE = "services.json"
+READY_PROBE = ".animl-retrain-ready"
 PREFERRED = {"s3": 18333, "mlflow": 15000}
 
 
@@ -72,6 +73,8 @@ def client_env(svc: Services) -> dict[str, str]:
 def _free_port(preferred: int | None = None) -> int:
     for port in ([preferred] if preferred else []) + [0]:
         with socket.socket() as s:
+            # As the servers bind: a port whose old connections linger in TIME_WAIT is free, a listener's is not.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
@@ -156,7 +159,13 @@ def s3_admin_client(svc: Services):
 
 
 def _s3_ready(svc: Services) -> bool:
-    s3_admin_client(svc).list_buckets()
+    client = s3_admin_client(svc)
+    buckets = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if MLFLOW_BUCKET in buckets:
+        # A restart: the S3 gateway answers before the volume server has re-registered its volumes with the
+        # master, and reads fail until it has. A write and a read back through the same path say it is done.
+        client.put_object(Bucket=MLFLOW_BUCKET, Key=READY_PROBE, Body=b"ready")
+        return client.get_object(Bucket=MLFLOW_BUCKET, Key=READY_PROBE)["Body"].read() == b"ready"
     return True
 
 
