@@ -11,7 +11,7 @@ each fact names the file it comes from.
 - Roles: ``EXPORT_DATA_ROLES`` and ``READ_TASKS_ROLES`` are ``project_manager`` and ``project_member``
   (``src/api/auth/roles.ts``); anything else gets a ``ForbiddenError`` (``extensions.code`` ``FORBIDDEN``,
   ``src/api/db/models/utils-model.ts`` and ``src/api/errors.ts``).
-- Start: GraphQL *query* ``exportAnnotations(input: ExportInput!): Task`` (``src/api/type-defs/root/Query.ts``)
+- Start: GraphQL *query* ``exportAnnotations(input: ExportInput!): Task`` (``Query.ts``)
   with ``ExportInput {format: Format!, timezone: String!, filters: FiltersInput!, onlyIncludeReviewed:
   Boolean!, aggregateObjects: Boolean!}`` (``src/api/type-defs/inputs/ExportInput.ts``); the query text is
   the web app's own (animl-frontend ``src/api/buildQuery.js``). ``FiltersInput`` has ``cameras``,
