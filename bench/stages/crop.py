@@ -62,6 +62,7 @@ def _image_set(ctx, n_images: int):
                 "height": frames[k].height,
                 "n_objects": len(frames[k].boxes),
                 "animl_labels": "",
+                "needs_detection": False,
             }
         )
         detections = [

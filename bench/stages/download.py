@@ -44,6 +44,7 @@ def _export(ctx, present: list[str], missing: list[str]):
             "height": None,
             "n_objects": 1,
             "animl_labels": "fox",
+            "needs_detection": False,
         }
         for i, key in enumerate(present + missing)
     ]
