@@ -136,7 +136,9 @@ def test_s3_killed_mid_download_then_restarted_resumes_and_loses_nothing(tmp_pat
         assert counts["downloaded"] == len(on_disk) and counts["failed"] == N_OBJECTS - len(on_disk)
         mtimes = {name: path.stat().st_mtime_ns for name, path in on_disk.items()}
 
-        services.start(state, mlflow=False)  # the same ports and data folder
+        restarted = services.start(state, mlflow=False)  # the same data folder (and ports, unless one was taken)
+        for key, value in services.client_env(restarted).items():
+            monkeypatch.setenv(key, value)
         second = download.run(download.DownloadConfig(export=tmp_path / "e", images_uri="s3://images", out=out))
         assert (second.already_present, second.downloaded) == (len(on_disk), N_OBJECTS - len(on_disk))
         assert (second.missing, second.corrupt) == (0, 0)

@@ -25,6 +25,7 @@ def test_load_and_stop_without_servers(tmp_path):
 
 
 def test_a_port_taken_while_stopped_moves_the_server_and_keeps_the_data(tmp_path):
+    import dataclasses
     import socket
 
     svc = services.start(tmp_path, mlflow=False)
@@ -33,11 +34,17 @@ def test_a_port_taken_while_stopped_moves_the_server_and_keeps_the_data(tmp_path
         services.s3_admin_client(svc).put_object(Bucket=services.MLFLOW_BUCKET, Key="kept", Body=b"data")
         services.stop(tmp_path)
         with socket.socket() as squatter:
-            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the port may still be in TIME_WAIT
-            squatter.bind(("127.0.0.1", svc.s3_port))
+            # Another program now listens on the recorded S3 port. (Taking the server's own port back right after
+            # it stopped races with any connect() on the machine picking that ephemeral port, so the record is
+            # pointed at a port the squatter already holds.)
+            squatter.bind(("127.0.0.1", 0))
             squatter.listen()
+            taken = squatter.getsockname()[1]
+            (tmp_path / services.STATE_FILE).write_text(
+                json.dumps(dataclasses.asdict(dataclasses.replace(svc, s3_port=taken)))
+            )
             moved = services.start(tmp_path, mlflow=False)
-        assert moved.s3_port != svc.s3_port and moved.secret_key == svc.secret_key
+        assert moved.s3_port != taken and moved.secret_key == svc.secret_key
         assert services.Services(**json.loads((tmp_path / services.STATE_FILE).read_text())) == moved
         body = services.s3_admin_client(moved).get_object(Bucket=services.MLFLOW_BUCKET, Key="kept")["Body"].read()
         assert body == b"data"
