@@ -241,3 +241,11 @@ def test_a_lost_race_is_settled_to_the_better_model(model_and_evaluations, stage
     client.set_registered_model_alias(name, "champion", loser.version)
     assert register.settle(client, name, better.version, pause=0.05) == loser.version
     assert client.get_model_version_by_alias(name, "champion").version == loser.version
+
+
+@pytest.mark.parametrize("name", ["it's", 'say "x"', "back\\slash"])
+def test_a_model_name_that_would_break_registry_filters_is_refused(name, tmp_path):
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="name"):
+        register.RegisterConfig(model=tmp_path, evaluation=tmp_path, export=tmp_path, out=tmp_path, name=name)

@@ -34,7 +34,10 @@ class RegisterConfig(StageConfig):
     evaluation: Path = Field(description="output folder of the evaluate stage")
     export: Path = Field(description="output folder of the export stage (for the export fingerprint)")
     out: Path = Field(description="output folder")
-    name: str = Field("animl-classifier", min_length=1, description="registered model name in MLflow")
+    # No quotes or backslashes: the name goes into MLflow registry search filters (see settle).
+    name: str = Field(
+        "animl-classifier", min_length=1, pattern=r"^[^'\"\\]+$", description="registered model name in MLflow"
+    )
     kfp_run_id: str = Field("", description="Kubeflow run id, recorded as a tag")
 
 
