@@ -46,7 +46,7 @@ def _boxes(rng: np.random.Generator, width: int, height: int) -> list[list[float
 
 
 def _synthetic(seed: int) -> Frame:
-    from animl_retrain import demo
+    from animl_retrain.tools import demo
 
     rng = np.random.default_rng(seed)
     width, height = SIZES[seed % len(SIZES)]

@@ -7,6 +7,6 @@ refuses container components and ``target_image``, runs the same definition in t
 imports the stage from the installed package and hands it the artifact paths.
 """
 
-from animl_retrain.components.images import CPU_IMAGE, ML_IMAGE
+from animl_retrain.components.container_images import CPU_IMAGE, ML_IMAGE
 
 __all__ = ["CPU_IMAGE", "ML_IMAGE"]

@@ -1,6 +1,6 @@
 """KFP component: square crops around every box, resized once to the training size."""
 
-from animl_retrain.components.images import CPU_IMAGE
+from animl_retrain.components.container_images import CPU_IMAGE
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 

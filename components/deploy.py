@@ -1,6 +1,6 @@
 """KFP component: export, check and package the champion, and serve it to Animl from SageMaker."""
 
-from animl_retrain.components.images import ML_IMAGE
+from animl_retrain.components.container_images import ML_IMAGE
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Output
 

@@ -1,6 +1,6 @@
 """KFP component: MegaDetector on the images that have labels but no box locating the animal (GPU task)."""
 
-from animl_retrain.components.images import ML_IMAGE
+from animl_retrain.components.container_images import ML_IMAGE
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 

@@ -1,6 +1,6 @@
 """KFP component: fetch the full-size images the export needs."""
 
-from animl_retrain.components.images import CPU_IMAGE
+from animl_retrain.components.container_images import CPU_IMAGE
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 

@@ -1,6 +1,6 @@
 """KFP component: test-set metrics, confusion matrix and a summary, for the UI and MLflow."""
 
-from animl_retrain.components.images import ML_IMAGE
+from animl_retrain.components.container_images import ML_IMAGE
 from kfp import dsl
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 

@@ -1,6 +1,6 @@
 """KFP component: read (or pull from Animl) and validate the export, apply the label spec, decide train or skip."""
 
-from animl_retrain.components.images import CPU_IMAGE
+from animl_retrain.components.container_images import CPU_IMAGE
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown, Output
 

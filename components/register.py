@@ -1,6 +1,6 @@
 """KFP component: register the model in MLflow and move the champion alias when it wins."""
 
-from animl_retrain.components.images import ML_IMAGE
+from animl_retrain.components.container_images import ML_IMAGE
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Model, Output
 

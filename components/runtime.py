@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from animl_retrain.common import PipelineError, configure_logging, log
+from animl_retrain.core.io import PipelineError, configure_logging, log
 
 
 def flat_metadata(result: Any) -> dict[str, Any]:

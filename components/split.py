@@ -1,6 +1,6 @@
 """KFP component: location-grouped train/val/test split and the label index."""
 
-from animl_retrain.components.images import CPU_IMAGE
+from animl_retrain.components.container_images import CPU_IMAGE
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 

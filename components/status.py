@@ -1,6 +1,6 @@
-"""KFP component: the exit handler that records how the run ended (see :mod:`animl_retrain.run_status`)."""
+"""KFP component: the exit handler that records how the run ended (see :mod:`animl_retrain.stages.status`)."""
 
-from animl_retrain.components.images import ML_IMAGE
+from animl_retrain.components.container_images import ML_IMAGE
 from kfp import dsl
 from kfp.dsl import Dataset, Output
 
@@ -16,7 +16,7 @@ def record_status_op(
     """Write the run's final state as an artifact and tag its MLflow runs with it."""
     from animl_retrain.components.runtime import run_stage
 
-    from animl_retrain import run_status as stage
+    from animl_retrain.stages import status as stage
 
     run_stage(
         stage.run,

@@ -1,6 +1,6 @@
 """KFP component: train the classifier, logging to MLflow."""
 
-from animl_retrain.components.images import ML_IMAGE
+from animl_retrain.components.container_images import ML_IMAGE
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 
 from kfp import dsl, kubernetes
 
-from animl_retrain.animl_api import SECRET_KEYS as ANIML_KEYS
-from animl_retrain.animl_api import SECRET_NAME as ANIML_SECRET  # the dedicated Animl user; absent for files
+from animl_retrain.integrations.animl.client import SECRET_KEYS as ANIML_KEYS
+from animl_retrain.integrations.animl.client import (
+    SECRET_NAME as ANIML_SECRET,  # the dedicated Animl user; absent for files
+)
 
 # Kubernetes objects the tasks read, created from manifests/: names and keys only.
 S3_SECRET = "animl-s3"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; may be absent (IRSA on EKS)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from animl_retrain import demo, services
 from animl_retrain.stages import cct_to_md, crop, download, export, split
+from animl_retrain.tools import demo, services
 
 SPEC = json.dumps(demo.LABEL_SPEC)
 
@@ -32,7 +32,7 @@ def servers(tmp_path_factory):
 @pytest.fixture
 def s3(servers):
     """A boto3 client for the test S3 server."""
-    from animl_retrain.storage import s3_client
+    from animl_retrain.core.storage import s3_client
 
     return s3_client()
 

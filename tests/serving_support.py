@@ -8,8 +8,8 @@ import struct
 import urllib.request
 from pathlib import Path
 
-from animl_retrain.models import build_model, save_checkpoint
-from animl_retrain.preprocessing import Preprocessing
+from animl_retrain.modeling.backbones import build_model, save_checkpoint
+from animl_retrain.vision.preprocessing import Preprocessing
 
 LABELS = ["bird", "fox", "lizard", "rodent", "skunk"]
 
@@ -32,7 +32,7 @@ def register_checkpoint(name: str, checkpoint: Path, aliases=("champion",), tags
     """Log ``checkpoint`` as the project's pyfunc model in a new MLflow run and register it; returns the version."""
     import mlflow
 
-    from animl_retrain.mlflow_model import log_model
+    from animl_retrain.integrations.mlflow.pyfunc import log_model
 
     mlflow.set_experiment("serving-tests")
     with mlflow.start_run():

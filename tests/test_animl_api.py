@@ -5,9 +5,10 @@ import re
 
 import pytest
 
-from animl_retrain import animl_api, tables
 from animl_retrain.cli import main
-from animl_retrain.common import PipelineError, read_json
+from animl_retrain.core.io import PipelineError, read_json
+from animl_retrain.formats import tables
+from animl_retrain.integrations.animl import client as animl_api
 from animl_retrain.stages import export
 from tests.conftest import TEST_SPEC, make_export
 from tests.fake_animl import Cognito, FakeAniml
@@ -348,7 +349,7 @@ def test_settings_are_checked_before_any_network(tmp_path):
 
 def test_validated_fingerprint_tracks_validated_labels_only():
     def fp(data):
-        from animl_retrain import cct
+        from animl_retrain.formats import cct
 
         return export.validated_fingerprint(cct.parse(data, "t"))
 
@@ -379,7 +380,7 @@ def test_validated_fingerprint_tracks_validated_labels_only():
 def test_weekly_example_uses_real_pipeline_parameters():
     from pathlib import Path
 
-    from animl_retrain.local_run import _check_params, load_params
+    from animl_retrain.tools.local_run import _check_params, load_params
 
     params = load_params(Path(__file__).parents[1] / "examples" / "animl-weekly.yaml", [])
     _check_params(params)

@@ -3,8 +3,8 @@ import json
 import pytest
 from megadetector.postprocessing.validate_batch_results import ValidateBatchResultsOptions, validate_batch_results
 
-from animl_retrain import mdformat
-from animl_retrain.common import read_json
+from animl_retrain.core.io import read_json
+from animl_retrain.formats import mdformat
 from animl_retrain.stages import cct_to_md, download, export
 from tests.conftest import TEST_SPEC, jpeg_bytes, make_export
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from animl_retrain import tables
-from animl_retrain.common import read_json
-from animl_retrain.preprocessing import Preprocessing, cut_square, draft_scale, square_region
+from animl_retrain.core.io import read_json
+from animl_retrain.formats import tables
 from animl_retrain.stages import crop
+from animl_retrain.vision.preprocessing import Preprocessing, cut_square, draft_scale, square_region
 
 
 def test_square_region_centres_and_clamps():

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from animl_retrain import detector, mdformat, tables
-from animl_retrain.common import PipelineError, read_json
+from animl_retrain.core.io import PipelineError, read_json
+from animl_retrain.formats import mdformat, tables
+from animl_retrain.modeling import detector
 from animl_retrain.stages import cct_to_md, crop, detect, download, export
 from tests import tiny_detector
 from tests.test_cct_to_md import validate

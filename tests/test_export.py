@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from animl_retrain import tables
-from animl_retrain.common import PipelineError, read_json
-from animl_retrain.labelspec import load_label_spec, parse_label_spec
+from animl_retrain.core.io import PipelineError, read_json
+from animl_retrain.formats import tables
+from animl_retrain.formats.labelspec import load_label_spec, parse_label_spec
 from animl_retrain.stages import export
 from tests.conftest import TEST_SPEC, make_export
 

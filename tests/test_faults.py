@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from animl_retrain import services, tables
-from animl_retrain.common import read_json
-from animl_retrain.images import verify_image
+from animl_retrain.core.io import read_json
+from animl_retrain.formats import tables
 from animl_retrain.stages import crop, download, export, split
+from animl_retrain.tools import services
+from animl_retrain.vision.images import verify_image
 from tests.conftest import TEST_SPEC
 
 CLI = [sys.executable, "-m", "animl_retrain.cli"]

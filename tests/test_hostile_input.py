@@ -20,11 +20,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from animl_retrain import cct, mdformat, tables
-from animl_retrain.common import PipelineError, UnsafePathError, read_json
-from animl_retrain.images import BadImageError, open_image, verify_image
-from animl_retrain.labelspec import load_label_spec
-from animl_retrain.stages import cct_to_md, crop, detect, download, export, predict
+from animl_retrain.core.io import PipelineError, UnsafePathError, read_json
+from animl_retrain.formats import cct, mdformat, tables
+from animl_retrain.formats.labelspec import load_label_spec
+from animl_retrain.stages import cct_to_md, crop, detect, download, export
+from animl_retrain.tools import predict
+from animl_retrain.vision.images import BadImageError, open_image, verify_image
 from tests.conftest import TEST_SPEC, jpeg_bytes, make_export
 
 UNSAFE_PATHS = [
@@ -193,10 +194,11 @@ BAD_IMAGES = {
 
 
 def test_pillows_own_bomb_guard_stays_on():
-    import animl_retrain.detector
-    import animl_retrain.serving
+    import animl_retrain.modeling.detector
+    import animl_retrain.serving.http
 
-    assert animl_retrain.detector and animl_retrain.serving  # imported: modules that could loosen Pillow's globals
+    # imported: modules that could loosen Pillow's globals
+    assert animl_retrain.modeling.detector and animl_retrain.serving.http
 
     assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS <= 200_000_000
 
@@ -273,13 +275,13 @@ def test_crop_reports_every_bad_image_and_crops_the_good_one(bad_image_project, 
 def test_serving_answers_400_to_every_bad_image():
     import base64
 
-    from animl_retrain import serving
+    from animl_retrain.serving import http as serving
 
     class NoModel:  # parse and decode run before the model: a request that gets this far is a bug
         labels = ("a",)
 
         def classify(self, images, boxes):
-            from animl_retrain.preprocessing import Preprocessing
+            from animl_retrain.vision.preprocessing import Preprocessing
 
             Preprocessing(image_size=16).crop_from_image(images[0], boxes[0])
             raise AssertionError("a bad image was decoded")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from animl_retrain.images import BadImageError, verify_image
+from animl_retrain.vision.images import BadImageError, verify_image
 
 
 def jpeg(size=(400, 300)) -> bytes:

@@ -131,7 +131,7 @@ def test_make_images_builds_and_pushes_the_images_the_pipeline_names(tmp_path):
         assert f"push {ref}" in calls
     assert len(calls) == 8
 
-    code = "from animl_retrain.components.images import CPU_IMAGE, ML_IMAGE; print(CPU_IMAGE, ML_IMAGE)"
+    code = "from animl_retrain.components.container_images import CPU_IMAGE, ML_IMAGE; print(CPU_IMAGE, ML_IMAGE)"
     named = subprocess.run(
         [sys.executable, "-c", code],
         env=env | {"IMAGE_REGISTRY": "registry.example/animl", "IMAGE_TAG": "2024.06"},
@@ -149,7 +149,7 @@ def test_default_tag_is_the_package_version():
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     proc = subprocess.run(["make", "-s", "-n", "images", "DOCKER=true"], cwd=ROOT, capture_output=True, text=True)
     assert f"animl-retrain-$name:{version}" in proc.stdout
-    code = "from animl_retrain.components.images import TAG; print(TAG)"
+    code = "from animl_retrain.components.container_images import TAG; print(TAG)"
     env = {k: v for k, v in os.environ.items() if k not in ("IMAGE_REGISTRY", "IMAGE_TAG")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == version

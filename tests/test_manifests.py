@@ -21,7 +21,7 @@ import pytest
 import yaml
 from animl_retrain.pipelines import k8s
 
-from animl_retrain import kubeflow
+from animl_retrain.tools import kubeflow
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from animl_retrain.metrics import classification_report
+from animl_retrain.modeling.metrics import classification_report
 
 
 def test_hand_computed_report():
@@ -27,7 +27,7 @@ def test_absent_class_does_not_enter_macro_average():
 
 
 def test_calibration_of_a_perfectly_and_a_badly_calibrated_model():
-    from animl_retrain.metrics import calibration
+    from animl_retrain.modeling.metrics import calibration
 
     # 10 crops at confidence 0.8 of which 8 are right: calibrated. ECE 0.
     y = np.zeros(10, dtype=int)
@@ -43,7 +43,7 @@ def test_calibration_of_a_perfectly_and_a_badly_calibrated_model():
 
 
 def test_threshold_for_precision_picks_the_lowest_qualifying_threshold():
-    from animl_retrain.metrics import threshold_for_precision
+    from animl_retrain.modeling.metrics import threshold_for_precision
 
     # class 1 predicted for 6 crops; by descending confidence: hit hit hit miss hit miss
     conf = [0.99, 0.95, 0.9, 0.85, 0.8, 0.7]
@@ -69,7 +69,7 @@ def test_threshold_for_precision_picks_the_lowest_qualifying_threshold():
 
 
 def test_operating_points_count_natives_flagged_as_invasive():
-    from animl_retrain.metrics import operating_points
+    from animl_retrain.modeling.metrics import operating_points
 
     labels = ["fox", "rat", "skunk"]
     y = np.array([1, 1, 1, 0, 0, 2, 2])

@@ -17,9 +17,10 @@ import time
 
 import pytest
 
-from animl_retrain import services, tracking
-from animl_retrain.common import PipelineError, read_json, write_json
+from animl_retrain.core.io import PipelineError, read_json, write_json
+from animl_retrain.integrations.mlflow import tracking
 from animl_retrain.stages import evaluate, register, train
+from animl_retrain.tools import services
 
 pytestmark = pytest.mark.server
 TINY = {"arch": "mobilenet_v3_small", "image_size": 32, "batch_size": 8, "workers": 0}

@@ -10,8 +10,9 @@ from animl_retrain.pipelines.retrain import COMPILED, compile_pipeline
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from animl_retrain import demo, services, storage
-from animl_retrain.local_run import format_summary, run_local
+from animl_retrain.core import storage
+from animl_retrain.tools import demo, services
+from animl_retrain.tools.local_run import format_summary, run_local
 from tests.fake_animl import Cognito, FakeAniml
 
 STAGES = ["export", "download", "cct-to-md", "detect", "crop", "split", "train", "evaluate", "register"]
@@ -54,7 +55,7 @@ def test_committed_yaml_matches_the_code(tmp_path):
 @pytest.mark.server
 @pytest.mark.pipeline
 def test_whole_pipeline_locally_then_load_the_champion(servers, tmp_path, monkeypatch, capfd):
-    from animl_retrain.storage import s3_client
+    from animl_retrain.core.storage import s3_client
     from tests.serving_support import moto_server
 
     client = s3_client()

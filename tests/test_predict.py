@@ -4,12 +4,13 @@ import shutil
 import pytest
 from megadetector.postprocessing.validate_batch_results import ValidateBatchResultsOptions, validate_batch_results
 
-from animl_retrain import registry
 from animl_retrain.cli import main
-from animl_retrain.common import PipelineError, read_json
-from animl_retrain.inference import Classifier
-from animl_retrain.stages import cct_to_md, predict
+from animl_retrain.core.io import PipelineError, read_json
+from animl_retrain.integrations.mlflow import registry
+from animl_retrain.modeling.inference import Classifier
+from animl_retrain.stages import cct_to_md
 from animl_retrain.stages.download import IMAGES_DIR
+from animl_retrain.tools import predict
 from tests.serving_support import LABELS, register_checkpoint, tiny_checkpoint
 
 NAME = "predict-tests"
@@ -75,7 +76,7 @@ def test_predict_writes_a_valid_megadetector_file(pulled, stage_outputs, tmp_pat
 
 @pytest.mark.server
 def test_predict_with_onnx_and_missing_images(pulled, stage_outputs, tmp_path):
-    from animl_retrain import model_export
+    from animl_retrain.serving import export as model_export
 
     folder = tmp_path / "model"
     shutil.copytree(pulled[0], folder)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from animl_retrain.preprocessing import ColourJitter, Preprocessing
+from animl_retrain.vision.preprocessing import ColourJitter, Preprocessing
 
 
 @pytest.fixture

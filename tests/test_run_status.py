@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from animl_retrain import run_status
+from animl_retrain.stages import status as run_status
 
 
 def status_file(out) -> dict:

@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from animl_retrain import services
-from animl_retrain.common import PipelineError
+from animl_retrain.core.io import PipelineError
+from animl_retrain.tools import services
 
 pytestmark = pytest.mark.server
 

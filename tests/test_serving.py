@@ -14,9 +14,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from animl_retrain import model_export, packaging, serving
-from animl_retrain.common import PipelineError
-from animl_retrain.inference import Classifier, animl_bbox_to_md
+from animl_retrain.core.io import PipelineError
+from animl_retrain.integrations.aws import torchserve as packaging
+from animl_retrain.modeling.inference import Classifier, animl_bbox_to_md
+from animl_retrain.serving import export as model_export
+from animl_retrain.serving import http as serving
 from animl_retrain.stages.crop import CROPS_DIR
 from tests.conftest import jpeg_bytes
 from tests.serving_support import LABELS, read_torchserve_response, tiny_checkpoint
@@ -132,8 +134,8 @@ def test_efficientnet_exports_to_onnx(tmp_path, exported):
     """EfficientNet is the family users report ONNX export trouble with; about a minute on 2 cores."""
     import torch
 
-    from animl_retrain.models import build_model, save_checkpoint
-    from animl_retrain.preprocessing import Preprocessing
+    from animl_retrain.modeling.backbones import build_model, save_checkpoint
+    from animl_retrain.vision.preprocessing import Preprocessing
 
     torch.manual_seed(0)
     model = build_model("efficientnet_b0", 3)
@@ -160,7 +162,7 @@ def test_memory_efficient_swish_is_switched_off_before_export():
 
 @pytest.mark.parametrize("backend", ["pytorch", "torchscript", "onnx"])
 def test_handler_answers_every_class_like_the_mlflow_model(exported, photo, backend):
-    from animl_retrain.mlflow_model import AnimlClassifierModel
+    from animl_retrain.integrations.mlflow.pyfunc import AnimlClassifierModel
 
     handler = serving.AnimlHandler(serving.load_classifier(exported.folder, backend))
     answer = handler.predict(request(photo))

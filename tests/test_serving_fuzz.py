@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from animl_retrain import serving
+from animl_retrain.serving import http as serving
 from tests.conftest import jpeg_bytes
 from tests.serving_support import LABELS, tiny_checkpoint
 

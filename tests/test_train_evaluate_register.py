@@ -4,9 +4,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from animl_retrain import tracking
-from animl_retrain.common import PipelineError, read_json
-from animl_retrain.models import build_model, load_checkpoint
+from animl_retrain.core.io import PipelineError, read_json
+from animl_retrain.integrations.mlflow import tracking
+from animl_retrain.modeling.backbones import build_model, load_checkpoint
 from animl_retrain.stages import evaluate, export, register, train
 from tests.conftest import SPEC
 

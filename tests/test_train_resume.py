@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from animl_retrain.models import load_checkpoint
+from animl_retrain.modeling.backbones import load_checkpoint
 from animl_retrain.stages import train
 
 pytestmark = pytest.mark.server
@@ -101,7 +101,7 @@ def test_killed_training_resumes_to_the_same_result_in_the_same_mlflow_run(stage
 
 
 def test_resuming_with_other_settings_is_refused(stage_outputs, bucket, tmp_path, servers):
-    from animl_retrain.common import PipelineError
+    from animl_retrain.core.io import PipelineError
 
     base = {
         "crops": stage_outputs["crops"],

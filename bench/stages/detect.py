@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from animl_retrain import detector, mdformat, tables
-from animl_retrain.common import read_json
-from animl_retrain.images import open_image
+from animl_retrain.core.io import read_json
+from animl_retrain.formats import mdformat, tables
+from animl_retrain.modeling import detector
 from animl_retrain.stages import detect
 from animl_retrain.stages.download import IMAGES_DIR
+from animl_retrain.vision.images import open_image
 from bench.harness import timed_pair
 
 STAGE = "detect"

@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 
-from animl_retrain import services, tables
+from animl_retrain.formats import tables
 from animl_retrain.stages import download
+from animl_retrain.tools import services
 from bench.frames import describe, distinct_frames
 from bench.harness import measure_pair
 
@@ -55,7 +56,7 @@ def _export(ctx, present: list[str], missing: list[str]):
 
 
 def _fill_bucket(frames, keys: list[str]) -> int:
-    from animl_retrain.storage import s3_client
+    from animl_retrain.core.storage import s3_client
 
     client = s3_client(max_pool_connections=16)
     client.create_bucket(Bucket=BUCKET)

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from animl_retrain import services
 from animl_retrain.cli import DEMO_BUCKETS
+from animl_retrain.tools import services
 from bench.harness import cpu_seconds
 
 STAGE = "pipeline"

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from animl_retrain import model_export, serving
-from animl_retrain.models import build_model, save_checkpoint
-from animl_retrain.preprocessing import Preprocessing
+from animl_retrain.modeling.backbones import build_model, save_checkpoint
+from animl_retrain.serving import export as model_export
+from animl_retrain.serving import http as serving
+from animl_retrain.vision.preprocessing import Preprocessing
 
 STAGE = "serve"
 THREADS = (2, 1)

@@ -18,8 +18,8 @@ def make_step(recipe: dict, n: int, batch: int):
     """A callable that trains one pass over ``n`` synthetic crops with the train stage's building blocks."""
     import torch
 
-    from animl_retrain.data import CropDataset, make_loader
-    from animl_retrain.models import build_model
+    from animl_retrain.modeling.backbones import build_model
+    from animl_retrain.modeling.data import CropDataset, make_loader
     from animl_retrain.stages import train
 
     cfg = train.TrainConfig(crops=".", split=".", out=".", workers=0, batch_size=batch, **recipe)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from animl_retrain.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from animl_retrain.stages import crop
+from animl_retrain.vision.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from bench.harness import measure, measure_pair
 from bench.stages.crop import _image_set
 
@@ -54,7 +54,7 @@ def run(ctx):
     import torch
     from torchvision.datasets import ImageFolder
 
-    from animl_retrain.data import CropDataset, decode_crops, make_loader
+    from animl_retrain.modeling.data import CropDataset, decode_crops, make_loader
 
     root, md_file, _, _, origin = _image_set(ctx, 100 if ctx.quick else 1000)
     crops_out = ctx.work / "crops"

@@ -13,24 +13,28 @@ import logging
 import sys
 from pathlib import Path
 
-from animl_retrain import services
-from animl_retrain.common import PipelineError, configure_logging
 from animl_retrain.config import add_config_arguments, config_from_args
+from animl_retrain.core.io import PipelineError, configure_logging
+from animl_retrain.tools import services
 
-# subcommand -> (module under animl_retrain.stages, config class name, one-line help)
+# subcommand -> (module under animl_retrain: a stage, or a tool that is not a pipeline step; config class; help)
 STAGES = {
-    "export": ("export", "ExportConfig", "validate an Animl COCO export and apply the label spec"),
-    "download": ("download", "DownloadConfig", "download the full-size images the export needs"),
-    "cct-to-md": ("cct_to_md", "CctToMdConfig", "write ground-truth boxes as a MegaDetector results file"),
-    "detect": ("detect", "DetectConfig", "run MegaDetector (ONNX) on labelled images without a located box"),
-    "crop": ("crop", "CropConfig", "cut square crops around every box, resized once"),
-    "split": ("split", "SplitConfig", "split locations into train/val/test, balanced per class"),
-    "train": ("train", "TrainConfig", "train the classifier, logging to MLflow"),
-    "evaluate": ("evaluate", "EvaluateConfig", "score the model (and the champion) on the test split"),
-    "register": ("register", "RegisterConfig", "register the model in MLflow; move 'champion' if it wins"),
-    "deploy": ("deploy", "DeployConfig", "export, check and package the champion; deploy it to SageMaker for Animl"),
-    "pull-model": ("pull_model", "PullModelConfig", "fetch a registered model from MLflow into a folder"),
-    "predict": ("predict", "PredictConfig", "classify the detections of a MegaDetector results file"),
+    "export": ("stages.export", "ExportConfig", "validate an Animl COCO export and apply the label spec"),
+    "download": ("stages.download", "DownloadConfig", "download the full-size images the export needs"),
+    "cct-to-md": ("stages.cct_to_md", "CctToMdConfig", "write ground-truth boxes as a MegaDetector results file"),
+    "detect": ("stages.detect", "DetectConfig", "run MegaDetector (ONNX) on labelled images without a located box"),
+    "crop": ("stages.crop", "CropConfig", "cut square crops around every box, resized once"),
+    "split": ("stages.split", "SplitConfig", "split locations into train/val/test, balanced per class"),
+    "train": ("stages.train", "TrainConfig", "train the classifier, logging to MLflow"),
+    "evaluate": ("stages.evaluate", "EvaluateConfig", "score the model (and the champion) on the test split"),
+    "register": ("stages.register", "RegisterConfig", "register the model in MLflow; move 'champion' if it wins"),
+    "deploy": (
+        "stages.deploy",
+        "DeployConfig",
+        "export, check and package the champion; deploy it to SageMaker for Animl",
+    ),
+    "pull-model": ("tools.pull_model", "PullModelConfig", "fetch a registered model from MLflow into a folder"),
+    "predict": ("tools.predict", "PredictConfig", "classify the detections of a MegaDetector results file"),
 }
 
 DEMO_BUCKETS = {"images": "animl-images-serving-demo", "exports": "animl-demo-exports"}
@@ -42,7 +46,7 @@ DEMO_IMAGES = f"s3://{DEMO_BUCKETS['images']}"
 def _stage_module(module: str):
     import importlib
 
-    return importlib.import_module(f"animl_retrain.stages.{module}")
+    return importlib.import_module(f"animl_retrain.{module}")
 
 
 def _use_embedded(state_dir: Path | None) -> services.Services:
@@ -83,7 +87,8 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Write the demo project, unless it is already there."""
-    from animl_retrain import demo, storage
+    from animl_retrain.core import storage
+    from animl_retrain.tools import demo
 
     if args.embedded:
         svc = _use_embedded(args.state_dir)
@@ -112,7 +117,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline locally and print the summary."""
-    from animl_retrain.local_run import format_summary, load_params, run_local
+    from animl_retrain.tools.local_run import format_summary, load_params, run_local
 
     params = load_params(args.params, args.set)
     mlflow_ui = None
@@ -136,8 +141,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_kubeflow(args: argparse.Namespace) -> int:
     """Submit a run, schedule runs, or list runs on a Kubeflow Pipelines cluster."""
-    from animl_retrain import kubeflow
-    from animl_retrain.local_run import load_params
+    from animl_retrain.tools import kubeflow
+    from animl_retrain.tools.local_run import load_params
 
     conn = kubeflow.Connection(host=args.host, namespace=args.namespace, ui_url=args.ui_url)
     if args.command == "runs":
@@ -161,7 +166,7 @@ def cmd_kubeflow(args: argparse.Namespace) -> int:
 def _add_kubeflow_arguments(p: argparse.ArgumentParser, params: bool = True) -> None:
     import os
 
-    from animl_retrain import kubeflow
+    from animl_retrain.tools import kubeflow
 
     p.add_argument(
         "--host",
@@ -191,7 +196,7 @@ def _add_kubeflow_arguments(p: argparse.ArgumentParser, params: bool = True) -> 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a model folder over HTTP the way Animl calls a classifier, until interrupted."""
-    from animl_retrain.serving import AnimlHandler, AnimlHTTPServer, load_classifier
+    from animl_retrain.serving.http import AnimlHandler, AnimlHTTPServer, load_classifier
 
     try:
         classifier = load_classifier(args.model, args.backend, args.threads)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from animl_retrain import mdformat, tables
-from animl_retrain.common import Report, log, read_json, safe_relpath
 from animl_retrain.config import StageConfig
-from animl_retrain.images import BadImageError, image_size
+from animl_retrain.core.io import Report, log, read_json, safe_relpath
+from animl_retrain.formats import mdformat, tables
 from animl_retrain.stages.download import IMAGES_DIR
+from animl_retrain.vision.images import BadImageError, image_size
 
 RESULTS_FILE = "ground_truth.json"
 

@@ -4,7 +4,7 @@ Boxes come from MegaDetector-format files: the ground truth written by cct-to-md
 MegaDetector results, or both (ground truth wins where it locates the animal; detector boxes take the image's
 Animl label, and ``box_source`` in ``crops.csv`` says which it was). Each image is decoded once,
 at the smallest JPEG scale that still leaves every crop at full resolution, and its crops are cut with the
-shared rule in :mod:`animl_retrain.preprocessing`. Images are spread over every core. ``crops.csv`` lists
+shared rule in :mod:`animl_retrain.vision.preprocessing`. Images are spread over every core. ``crops.csv`` lists
 each crop with its source image, annotation id, label, location and box; unreadable images are reported.
 """
 
@@ -21,8 +21,8 @@ import pandas as pd
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from animl_retrain import mdformat, tables
-from animl_retrain.common import (
+from animl_retrain.config import StageConfig
+from animl_retrain.core.io import (
     PipelineError,
     Report,
     atomic_path,
@@ -31,12 +31,12 @@ from animl_retrain.common import (
     safe_filename,
     safe_relpath,
 )
-from animl_retrain.config import StageConfig
-from animl_retrain.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
-from animl_retrain.preprocessing import cut_square, draft_scale
+from animl_retrain.formats import mdformat, tables
 from animl_retrain.stages.cct_to_md import RESULTS_FILE
 from animl_retrain.stages.detect import RESULTS_FILE as DETECTIONS_FILE
 from animl_retrain.stages.download import IMAGES_DIR
+from animl_retrain.vision.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
+from animl_retrain.vision.preprocessing import cut_square, draft_scale
 
 CROPS_DIR = "crops"
 

@@ -22,11 +22,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from animl_retrain import aws_deploy, mlmodel, packaging, registry, storage
-from animl_retrain.common import PipelineError, Report, log, read_json, write_json
 from animl_retrain.config import StageConfig
-from animl_retrain.model_export import DEFAULT_TOLERANCE, export_model_folder, parity_images
-from animl_retrain.serving import MODEL_FILES, read_labels
+from animl_retrain.core import storage
+from animl_retrain.core.io import PipelineError, Report, log, read_json, write_json
+from animl_retrain.integrations.animl import mlmodel
+from animl_retrain.integrations.aws import sagemaker, torchserve
+from animl_retrain.integrations.mlflow import registry
+from animl_retrain.serving.export import DEFAULT_TOLERANCE, export_model_folder, parity_images
+from animl_retrain.serving.http import MODEL_FILES, read_labels
 
 PACKAGE_DIR = "package"
 MLMODEL_FILE = "mlmodel.json"
@@ -148,15 +151,15 @@ def run(cfg: DeployConfig) -> DeployResult:
     if mv is None:
         return _finish(cfg, report, DeployResult(deployed=False, dry_run=cfg.dry_run, reason=reason, name=cfg.name))
     version = str(mv.version)
-    model_id = cfg.animl_model_id or aws_deploy.sagemaker_name(cfg.name.lower())
+    model_id = cfg.animl_model_id or sagemaker.sagemaker_name(cfg.name.lower())
 
     package = out / PACKAGE_DIR
     checkpoint = registry.download_checkpoint(cfg.name, version, package / MODEL_FILES["pytorch"])
     parity = export_model_folder(
         checkpoint, package, parity_images(cfg.parity_images, cfg.parity_samples), cfg.parity_tolerance
     )
-    mar = packaging.build_mar(package, out / f"{model_id}.mar", model_id, version)
-    tarball = packaging.build_model_tar(mar, out / "model.tar.gz")
+    mar = torchserve.build_mar(package, out / f"{model_id}.mar", model_id, version)
+    tarball = torchserve.build_model_tar(mar, out / "model.tar.gz")
 
     labels = read_labels(package)
     default, per_class, source = mlmodel.read_operating_points(cfg.evaluation, _tags(mv), labels)
@@ -166,7 +169,7 @@ def run(cfg: DeployConfig) -> DeployResult:
     write_json(out / "category_config.json", mlmodel.category_config(labels, default, per_class))
 
     kinds = ["realtime"] + (["batch"] if cfg.batch_parameter else [])
-    target = aws_deploy.Target.build(
+    target = sagemaker.Target.build(
         model_id,
         cfg.stage,
         version,
@@ -175,7 +178,7 @@ def run(cfg: DeployConfig) -> DeployResult:
         role_arn=cfg.role_arn or "<role arn>",
         memory_mb=cfg.memory_mb,
         max_concurrency=cfg.max_concurrency,
-        ssm_names=[aws_deploy.ssm_parameter(model_id, kind, cfg.stage) for kind in kinds],
+        ssm_names=[sagemaker.ssm_parameter(model_id, kind, cfg.stage) for kind in kinds],
         tags={"animl-model": model_id, "mlflow-model": cfg.name, "mlflow-version": version},
     )
     prefix = (cfg.model_bucket or "s3://<model bucket>").rstrip("/")
@@ -195,28 +198,28 @@ def run(cfg: DeployConfig) -> DeployResult:
         parity_max_abs_diff={b: r["max_abs_diff"] for b, r in parity.items()},
     )
 
-    sm, ssm = aws_deploy.clients()
+    sm, ssm = sagemaker.clients()
     if cfg.dry_run:
         try:
-            state = aws_deploy.current_state(sm, ssm, target)
+            state = sagemaker.current_state(sm, ssm, target)
         except Exception as e:  # a dry run works without AWS access; it just cannot say create or update
             report.problem("AWS state unreadable", target.endpoint, str(e))
             state = None
         result.plan = [f"upload {tarball.name} and model.onnx to {target.model_data.rsplit('/', 1)[0]}/"]
-        result.plan += aws_deploy.plan(target, state)
+        result.plan += sagemaker.plan(target, state)
         return _finish(cfg, report, result)
 
     try:
-        state = aws_deploy.current_state(sm, ssm, target)
+        state = sagemaker.current_state(sm, ssm, target)
     except Exception as e:
         raise PipelineError(f"deploy: cannot read SageMaker/SSM state: {e}") from e
     result.plan = [f"uploaded {tarball.name} and model.onnx to {target.model_data.rsplit('/', 1)[0]}/"]
-    result.plan += aws_deploy.plan(target, state)
+    result.plan += sagemaker.plan(target, state)
     storage.upload_file(tarball, target.model_data)
     storage.upload_file(package / MODEL_FILES["onnx"], target.model_data.replace("model.tar.gz", "model.onnx"))
     storage.upload_file(out / MLMODEL_FILE, target.model_data.replace("model.tar.gz", MLMODEL_FILE))
     try:
-        applied = aws_deploy.apply(sm, ssm, target, state, cfg.wait_minutes * 60)
+        applied = sagemaker.apply(sm, ssm, target, state, cfg.wait_minutes * 60)
     except PipelineError:
         raise
     except Exception as e:
@@ -227,7 +230,7 @@ def run(cfg: DeployConfig) -> DeployResult:
     return _finish(cfg, report, result)
 
 
-def _tag_version(name: str, version: str, stage: str, target: aws_deploy.Target) -> None:
+def _tag_version(name: str, version: str, stage: str, target: sagemaker.Target) -> None:
     """Record the deployment on the model version: tags and a ``deployed-<stage>`` alias."""
     import mlflow
 

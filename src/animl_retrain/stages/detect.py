@@ -29,12 +29,13 @@ import pandas as pd
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from animl_retrain import mdformat, storage, tables
-from animl_retrain.common import PipelineError, Report, log, safe_filename, safe_relpath
 from animl_retrain.config import StageConfig
-from animl_retrain.images import DEFAULT_MAX_PIXELS
+from animl_retrain.core import storage
+from animl_retrain.core.io import PipelineError, Report, log, safe_filename, safe_relpath
+from animl_retrain.formats import mdformat, tables
 from animl_retrain.stages.cct_to_md import RESULTS_FILE as GROUND_TRUTH_FILE
 from animl_retrain.stages.download import IMAGES_DIR
+from animl_retrain.vision.images import DEFAULT_MAX_PIXELS
 
 RESULTS_FILE = "detections.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -261,7 +262,7 @@ def _finish_report(report: Report, result: DetectResult, cfg: DetectConfig, engi
 
 def checkpoint_settings(weights: Path, cfg: DetectConfig) -> dict[str, Any]:
     """The settings that decide a run's results: a checkpoint is reused only under the same ones."""
-    from animl_retrain import detector
+    from animl_retrain.modeling import detector
 
     return {
         "model_sha256": detector.model_digest(weights),
@@ -276,7 +277,7 @@ def _detect_files(
     cfg: DetectConfig, weights: Path, todo: list[str], checkpoint: Checkpoint, report: Report
 ) -> dict[str, Any]:
     """Run the detector over ``todo``, checkpointing as it goes; return what the engine did."""
-    from animl_retrain import detector
+    from animl_retrain.modeling import detector
 
     root = Path(cfg.images) / IMAGES_DIR
     workers = cfg.workers or max(1, min(16, (os.cpu_count() or 2) - 1))
@@ -348,7 +349,7 @@ def _fixed_input(weights: Path) -> tuple[tuple[int, int] | None, int | None]:
 
 def _run_batch(engine, batch, min_conf: float, fixed_batch: int | None) -> list[list[dict]]:
     """One batch through the engine; a model with a fixed batch size gets the last batch padded."""
-    from animl_retrain import detector
+    from animl_retrain.modeling import detector
 
     if fixed_batch and len(batch) < fixed_batch:
         padded = batch + [batch[-1]] * (fixed_batch - len(batch))
@@ -358,7 +359,7 @@ def _run_batch(engine, batch, min_conf: float, fixed_batch: int | None) -> list[
 
 def _check_half_precision(engine, reference, batch, found, cfg: DetectConfig, fixed_batch, info):
     """Compare fp16 with fp32 on the first batch; keep fp16 only within tolerance, else switch to fp32."""
-    from animl_retrain import detector
+    from animl_retrain.modeling import detector
 
     expected = _run_batch(reference, batch, cfg.min_conf, fixed_batch)
     diff = detector.compare_detections(expected, found, cfg.threshold)

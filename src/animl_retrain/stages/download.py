@@ -3,7 +3,7 @@
 Bounded concurrency, retries with backoff on transient errors, skip-if-present-and-same-size (a re-run fetches
 only what is missing), each object checked against its stored checksum (by botocore, where S3 keeps one) or
 else its MD5 ETag, and atomic writes (a killed run never leaves a half-written file under its final name).
-Each image is checked to be whole without decoding it (:func:`animl_retrain.images.verify_image`; the crop
+Each image is checked to be whole without decoding it (:func:`animl_retrain.vision.images.verify_image`; the crop
 stage decodes it anyway). Missing objects and truncated or undecodable images are listed in ``report.json``
 and skipped; the stage fails above ``max_missing_fraction`` or when objects could not be fetched at all (a
 dead endpoint), so that nothing is lost silently. An endpoint that dies mid-run is given up on after one object
@@ -23,8 +23,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from animl_retrain import storage, tables
-from animl_retrain.common import (
+from animl_retrain.config import StageConfig
+from animl_retrain.core import storage
+from animl_retrain.core.io import (
     DiskFullError,
     PipelineError,
     Report,
@@ -34,8 +35,8 @@ from animl_retrain.common import (
     remove_partial_files,
     safe_relpath,
 )
-from animl_retrain.config import StageConfig
-from animl_retrain.images import DEFAULT_MAX_PIXELS, BadImageError, verify_image
+from animl_retrain.formats import tables
+from animl_retrain.vision.images import DEFAULT_MAX_PIXELS, BadImageError, verify_image
 
 IMAGES_DIR = "images"
 CHUNK = 1 << 20

@@ -17,12 +17,13 @@ from pathlib import Path
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from animl_retrain import tables, tracking
-from animl_retrain.common import PipelineError, Report, log, read_json, write_json
 from animl_retrain.config import StageConfig
-from animl_retrain.data import CropDataset, decode_crops, make_loader
-from animl_retrain.metrics import calibration, classification_report, operating_points
-from animl_retrain.models import load_checkpoint, model_from_checkpoint
+from animl_retrain.core.io import PipelineError, Report, log, read_json, write_json
+from animl_retrain.formats import tables
+from animl_retrain.integrations.mlflow import tracking
+from animl_retrain.modeling.backbones import load_checkpoint, model_from_checkpoint
+from animl_retrain.modeling.data import CropDataset, decode_crops, make_loader
+from animl_retrain.modeling.metrics import calibration, classification_report, operating_points
 from animl_retrain.stages.crop import CROPS_DIR
 from animl_retrain.stages.split import test_fingerprint
 from animl_retrain.stages.train import CHECKPOINT, pick_device, predict
@@ -174,7 +175,7 @@ def _predict_test(cfg: EvaluateConfig, test: pd.DataFrame, crops_root: Path, mod
 
 
 def _write_report(cfg, out: Path, result, calib, ops, mistakes, facts) -> None:
-    from animl_retrain import evaluation_report as er
+    from animl_retrain.modeling import report as er
 
     figures = {
         "confusion": er.confusion_png(result),
@@ -190,7 +191,7 @@ def _write_report(cfg, out: Path, result, calib, ops, mistakes, facts) -> None:
 def _log_to_mlflow(run_id: str, cfg, out: Path, result, calib, ops, thresholds, metrics, summary) -> None:
     import mlflow
 
-    from animl_retrain.evaluation_report import PNG_FILES
+    from animl_retrain.modeling.report import PNG_FILES
 
     k = cfg.top_k
     values = {
@@ -222,7 +223,7 @@ def _log_to_mlflow(run_id: str, cfg, out: Path, result, calib, ops, thresholds, 
 
 def run(cfg: EvaluateConfig) -> EvaluateResult:
     """Evaluate on the test split; write metrics, thresholds, report and summary; log them to MLflow."""
-    from animl_retrain.evaluation_report import worst_mistakes
+    from animl_retrain.modeling.report import worst_mistakes
 
     report = Report("evaluate")
     ckpt = load_checkpoint(Path(cfg.model) / CHECKPOINT)

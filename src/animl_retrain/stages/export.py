@@ -2,8 +2,8 @@
 
 The export comes from S3, a local file, or (``source`` ``animl-api``) straight from Animl: the stage logs in as
 the project's dedicated user, runs Animl's own "Export to COCO" task and keeps a dated copy of the file under
-``archive`` (see :mod:`animl_retrain.animl_api`). In incremental mode it compares the validated annotations with
-those behind the registry's current champion and decides ``skip`` when nothing new was validated.
+``archive`` (see :mod:`animl_retrain.integrations.animl.client`). In incremental mode it compares the validated
+annotations with those behind the registry's current champion and decides ``skip`` when nothing new was validated.
 
 Writes to ``out``: ``export.json`` (the exact input, for provenance), ``images.csv``, ``objects.csv`` (one row
 per annotation kept), ``label_spec.json``, ``summary.md`` and ``report.json`` (counts per class and location,
@@ -22,10 +22,13 @@ from typing import Literal
 import pandas as pd
 from pydantic import BaseModel, Field, model_validator
 
-from animl_retrain import animl_api, cct, mdformat, storage, tables, tracking
-from animl_retrain.common import PipelineError, Report, UnsafePathError, log, safe_relpath, write_json
 from animl_retrain.config import StageConfig
-from animl_retrain.labelspec import EMPTY, OTHER, load_label_spec, normalise_name
+from animl_retrain.core import storage
+from animl_retrain.core.io import PipelineError, Report, UnsafePathError, log, safe_relpath, write_json
+from animl_retrain.formats import cct, mdformat, tables
+from animl_retrain.formats.labelspec import EMPTY, OTHER, load_label_spec, normalise_name
+from animl_retrain.integrations.animl import client as animl_api
+from animl_retrain.integrations.mlflow import tracking
 
 EXPORT_FILE = "export.json"
 TRAIN, SKIP = "train", "skip"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from animl_retrain import tracking
-from animl_retrain.common import PipelineError, Report, log, read_json, write_json
 from animl_retrain.config import StageConfig
+from animl_retrain.core.io import PipelineError, Report, log, read_json, write_json
+from animl_retrain.integrations.mlflow import tracking
 from animl_retrain.stages.evaluate import METRICS_FILE, THRESHOLDS_FILE
 from animl_retrain.stages.train import CHECKPOINT
 
@@ -132,7 +132,7 @@ def run(cfg: RegisterConfig) -> RegisterResult:
     """Log, register and alias the model; write ``registration.json``."""
     import mlflow
 
-    from animl_retrain.mlflow_model import log_model
+    from animl_retrain.integrations.mlflow.pyfunc import log_model
 
     report = Report("register")
     evaluation = read_json(Path(cfg.evaluation) / METRICS_FILE, "evaluation metrics")

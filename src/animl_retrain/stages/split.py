@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field, model_validator
 
-from animl_retrain import storage, tables
-from animl_retrain.common import PipelineError, Report, log, write_json
 from animl_retrain.config import StageConfig
+from animl_retrain.core import storage
+from animl_retrain.core.io import PipelineError, Report, log, write_json
+from animl_retrain.formats import tables
 
 SPLITS = ("train", "val", "test")
 MISSING_PENALTY = 1000.0

@@ -8,7 +8,7 @@ With ``checkpoint_uri`` set, a resume checkpoint is written after every epoch (a
 ``checkpoint_every_steps`` steps); a run killed at any point and started again with the same settings
 continues from the last checkpoint, in the same MLflow run, and ends with the same weights and metrics as a run
 that was never interrupted (batches and augmentations depend only on seed, epoch and position; see
-:mod:`animl_retrain.data` and :mod:`animl_retrain.resume`).
+:mod:`animl_retrain.modeling.data` and :mod:`animl_retrain.modeling.checkpoint`).
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from animl_retrain import resume, tables, tracking
-from animl_retrain.common import PipelineError, Report, log, read_json, redact_url, write_json
 from animl_retrain.config import StageConfig
-from animl_retrain.data import CropDataset, EpochSampler, decode_crops, make_loader
-from animl_retrain.metrics import classification_report
-from animl_retrain.models import ARCHITECTURES, build_model, pretrained_normalisation, save_checkpoint
-from animl_retrain.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from animl_retrain.core.io import PipelineError, Report, log, read_json, redact_url, write_json
+from animl_retrain.formats import tables
+from animl_retrain.integrations.mlflow import tracking
+from animl_retrain.modeling import checkpoint as resume
+from animl_retrain.modeling.backbones import ARCHITECTURES, build_model, pretrained_normalisation, save_checkpoint
+from animl_retrain.modeling.data import CropDataset, EpochSampler, decode_crops, make_loader
+from animl_retrain.modeling.metrics import classification_report
 from animl_retrain.stages.crop import CROPS_DIR
+from animl_retrain.vision.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 CHECKPOINT = "model.pt"
 MONITOR_METRICS = ("val_macro_f1", "val_top1", "val_loss")
@@ -341,7 +343,7 @@ def end_epoch(progress: Progress, val: dict[str, float], cfg: TrainConfig, model
 
 
 def snapshot(parts: Parts, progress: Progress, settings: dict, data: str, run_id: str) -> dict[str, Any]:
-    """Everything a resumed run needs (see :mod:`animl_retrain.resume`)."""
+    """Everything a resumed run needs (see :mod:`animl_retrain.modeling.checkpoint`)."""
     import torch
 
     return {

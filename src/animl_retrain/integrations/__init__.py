@@ -1,0 +1,1 @@
+"""Layer 5, integrations: the outside services: Animl's API, MLflow, AWS (SageMaker, TorchServe packaging)."""

@@ -1,0 +1,128 @@
+"""Resume checkpoints: training survives a killed pod (spot GPU nodes) and continues where it stopped.
+
+A checkpoint location (a folder or an ``s3://`` prefix, one per training run) holds:
+
+- ``run.json``: the MLflow run id, written as soon as the run exists, so a restart logs into the same run;
+- ``resume.pt``: everything needed to continue exactly: model, optimiser, LR schedule, gradient scaler, RNG
+  states, epoch and step, the running loss of the unfinished epoch, the best epoch's weights and metrics, the
+  per-epoch history, and the settings and data it was made with (a restart with other settings or data is
+  refused rather than silently mixed);
+- ``progress.json``: epoch and step of the last checkpoint, for people and monitors.
+
+Every file is replaced whole (an atomic rename locally, a single PUT on S3), so a kill while saving leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from animl_retrain.core import storage
+from animl_retrain.core.io import PipelineError, log
+
+RESUME_FORMAT = "animl-retrain-resume/1"
+RESUME_FILE, RUN_FILE, PROGRESS_FILE = "resume.pt", "run.json", "progress.json"
+# Settings that may change between an interrupted run and its restart without changing the result.
+FREE_SETTINGS = {
+    "crops",
+    "split",
+    "out",
+    "workers",
+    "device",
+    "checkpoint_uri",
+    "checkpoint_every_steps",
+    "log_system_metrics",
+    "run_name",
+    "kfp_run_id",
+}
+
+
+def run_location(base: str, kfp_run_id: str) -> str:
+    """The checkpoint location of one run: ``base`` itself, or ``base/<kfp run id>/train`` inside a pipeline."""
+    if not base or not kfp_run_id:
+        return base
+    return storage.join(storage.join(base, kfp_run_id), "train")
+
+
+def settings_key(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint is only valid for."""
+    return {k: v for k, v in sorted(config.items()) if k not in FREE_SETTINGS}
+
+
+def data_key(labels: list[str], train: list[tuple[str, str]], val: list[tuple[str, str]]) -> str:
+    """A fingerprint of the label list and the train/val crops with their labels."""
+    h = hashlib.sha256(json.dumps([labels, sorted(train), sorted(val)]).encode())
+    return h.hexdigest()[:16]
+
+
+class ResumeStore:
+    """Reads and writes the checkpoints of one training run at ``uri``."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def _path(self, name: str) -> str:
+        return storage.join(self.uri, name)
+
+    def run_id(self) -> str | None:
+        """The MLflow run id recorded by an earlier attempt, if any."""
+        if not storage.exists(self._path(RUN_FILE)):
+            return None
+        try:
+            return json.loads(storage.read_bytes(self._path(RUN_FILE), max_bytes=1 << 16))["run_id"]
+        except (ValueError, KeyError) as e:
+            raise PipelineError(f"{self._path(RUN_FILE)} is not a run record ({e}); delete it to start afresh") from e
+
+    def write_run_id(self, run_id: str) -> None:
+        """Record the MLflow run id."""
+        storage.put_bytes(self._path(RUN_FILE), json.dumps({"run_id": run_id}).encode())
+
+    def load(self) -> dict[str, Any] | None:
+        """The last checkpoint, or None when there is none yet."""
+        import torch
+
+        uri = self._path(RESUME_FILE)
+        if not storage.exists(uri):
+            return None
+        with tempfile.TemporaryDirectory(prefix="animl-resume-") as tmp:
+            local = storage.fetch(uri, Path(tmp) / RESUME_FILE)
+            try:
+                state = torch.load(local, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise PipelineError(f"cannot read the resume checkpoint {uri}: {e}; delete it to start afresh") from e
+        if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+            raise PipelineError(f"{uri} is not a resume checkpoint of this project ({RESUME_FORMAT})")
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Replace the checkpoint and the progress record."""
+        import torch
+
+        with tempfile.TemporaryDirectory(prefix="animl-resume-") as tmp:
+            local = Path(tmp) / RESUME_FILE
+            torch.save({"format": RESUME_FORMAT, **state}, local)
+            storage.upload_file(local, self._path(RESUME_FILE))
+        progress = {"epoch": state["epoch"], "step": state["step"], "finished": state.get("finished", False)}
+        storage.put_bytes(self._path(PROGRESS_FILE), json.dumps(progress).encode())
+        log.debug("train: checkpoint at epoch %d step %d -> %s", state["epoch"], state["step"], self.uri)
+
+
+def check_compatible(state: dict[str, Any], settings: dict[str, Any], data: str, uri: str) -> None:
+    """Refuse to resume a checkpoint made with other settings or other data."""
+    theirs = state["settings"]
+    changed = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != settings.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {theirs.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise PipelineError(
+            f"the checkpoint at {uri} was made with other settings ({diff}); "
+            "restart with the same settings, or use a new checkpoint location"
+        )
+    if state["data"] != data:
+        raise PipelineError(
+            f"the checkpoint at {uri} was made from other train/val data (fingerprint {state['data']}, now {data}); "
+            "use a new checkpoint location"
+        )
