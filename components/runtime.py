@@ -6,7 +6,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from animl_retrain.core.io import PipelineError, configure_logging, log
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.logging import configure_logging, log
 
 
 def flat_metadata(result: Any) -> dict[str, Any]:

@@ -6,7 +6,8 @@ import re
 import pytest
 
 from animl_retrain.cli import main
-from animl_retrain.core.io import PipelineError, read_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import read_json
 from animl_retrain.formats import tables
 from animl_retrain.integrations.animl import client as animl_api
 from animl_retrain.stages import export

@@ -4,7 +4,7 @@ import tarfile
 import pytest
 
 from animl_retrain.cli import main
-from animl_retrain.core.io import PipelineError
+from animl_retrain.core.errors import PipelineError
 from animl_retrain.integrations.animl import mlmodel
 from animl_retrain.integrations.aws import sagemaker as aws_deploy
 from animl_retrain.stages import deploy

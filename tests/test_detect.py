@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from animl_retrain.core.io import PipelineError, read_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import read_json
 from animl_retrain.formats import mdformat, tables
 from animl_retrain.modeling import detector
 from animl_retrain.stages import cct_to_md, crop, detect, download, export

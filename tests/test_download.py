@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from animl_retrain.core.io import PipelineError, read_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import read_json
 from animl_retrain.formats import tables
 from animl_retrain.stages import download, export
 from tests.conftest import TEST_SPEC, jpeg_bytes, make_export

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from animl_retrain.core.io import PipelineError, read_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import read_json
 from animl_retrain.formats import tables
 from animl_retrain.formats.labelspec import load_label_spec, parse_label_spec
 from animl_retrain.stages import export

@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from animl_retrain.core.io import PipelineError, UnsafePathError, read_json
+from animl_retrain.core.errors import PipelineError, UnsafePathError
+from animl_retrain.core.io import read_json
 from animl_retrain.formats import cct, mdformat, tables
 from animl_retrain.formats.labelspec import load_label_spec
 from animl_retrain.stages import cct_to_md, crop, detect, download, export

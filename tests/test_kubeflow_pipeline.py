@@ -232,7 +232,7 @@ def test_light_stages_run_on_the_cpu_image_and_torch_stages_on_the_ml_image(spec
 @pytest.mark.pipeline
 def test_a_failed_run_still_records_its_status_locally(small_demo, tmp_path, monkeypatch):
     """kfp.local runs the exit handler after a failing stage; the run still fails, with a clear error."""
-    from animl_retrain.core.io import PipelineError
+    from animl_retrain.core.errors import PipelineError
     from animl_retrain.tools.local_run import run_local
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

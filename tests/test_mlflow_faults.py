@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from animl_retrain.core.io import PipelineError, read_json, write_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import read_json, write_json
 from animl_retrain.integrations.mlflow import tracking
 from animl_retrain.stages import evaluate, register, train
 from animl_retrain.tools import services

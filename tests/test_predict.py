@@ -5,7 +5,8 @@ import pytest
 from megadetector.postprocessing.validate_batch_results import ValidateBatchResultsOptions, validate_batch_results
 
 from animl_retrain.cli import main
-from animl_retrain.core.io import PipelineError, read_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import read_json
 from animl_retrain.integrations.mlflow import registry
 from animl_retrain.modeling.inference import Classifier
 from animl_retrain.stages import cct_to_md

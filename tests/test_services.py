@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from animl_retrain.core.io import PipelineError
+from animl_retrain.core.errors import PipelineError
 from animl_retrain.tools import services
 
 pytestmark = pytest.mark.server

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from animl_retrain.core.io import PipelineError
+from animl_retrain.core.errors import PipelineError
 from animl_retrain.integrations.aws import torchserve as packaging
 from animl_retrain.modeling.inference import Classifier, animl_bbox_to_md
 from animl_retrain.serving import export as model_export
@@ -158,6 +158,35 @@ def test_memory_efficient_swish_is_switched_off_before_export():
     model = nn.Sequential(LukemelasStyle())
     model_export.prepare_for_export(model)
     assert model[0].memory_efficient is False
+
+
+# The code file of every version registered before the package had layers (MLflow keeps it with the version).
+OLD_CODE_FILE = """
+import mlflow
+
+from animl_retrain.mlflow_model import AnimlClassifierModel
+
+mlflow.models.set_model(AnimlClassifierModel())
+"""
+
+
+def test_models_registered_before_the_layers_still_load(exported, photo, tmp_path):
+    """A champion logged with the old code file loads in this process (as evaluate loads it) and answers."""
+    import mlflow
+    import pandas as pd
+
+    from animl_retrain import mlflow_model
+    from animl_retrain.integrations.mlflow import pyfunc
+
+    assert mlflow_model.AnimlClassifierModel is pyfunc.AnimlClassifierModel
+    code = tmp_path / "mlflow_model_code.py"
+    code.write_text(OLD_CODE_FILE)
+    mlflow.pyfunc.save_model(
+        tmp_path / "old", python_model=str(code), artifacts={"checkpoint": str(exported.checkpoint)}
+    )
+    answer = mlflow.pyfunc.load_model(str(tmp_path / "old")).predict(pd.DataFrame({"image": [photo], "bbox": [BOX]}))
+    reference = Classifier.from_checkpoint(exported.checkpoint).classify([photo], [animl_bbox_to_md(BOX)])[0]
+    assert answer.iloc[0].tolist() == pytest.approx(reference.tolist(), abs=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["pytorch", "torchscript", "onnx"])

@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 from bench.stages.split import plain_search
 
-from animl_retrain.core.io import PipelineError, read_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import read_json
 from animl_retrain.formats import tables
 from animl_retrain.stages import split
 

@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from animl_retrain.core.io import PipelineError, read_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import read_json
 from animl_retrain.integrations.mlflow import tracking
 from animl_retrain.modeling.backbones import build_model, load_checkpoint
 from animl_retrain.stages import evaluate, export, register, train

@@ -101,7 +101,7 @@ def test_killed_training_resumes_to_the_same_result_in_the_same_mlflow_run(stage
 
 
 def test_resuming_with_other_settings_is_refused(stage_outputs, bucket, tmp_path, servers):
-    from animl_retrain.core.io import PipelineError
+    from animl_retrain.core.errors import PipelineError
 
     base = {
         "crops": stage_outputs["crops"],

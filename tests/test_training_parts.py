@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from animl_retrain.core.io import PipelineError
+from animl_retrain.core.errors import PipelineError
 from animl_retrain.modeling.backbones import build_model, pretrained_normalisation
 from animl_retrain.modeling.data import CropDataset, EpochSampler
 from animl_retrain.stages import train

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from animl_retrain.config import add_config_arguments, config_from_args
-from animl_retrain.core.io import PipelineError, configure_logging
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.logging import configure_logging
 from animl_retrain.tools import services
 
 # subcommand -> (module under animl_retrain: a stage, or a tool that is not a pipeline step; config class; help)

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from animl_retrain.core.io import PipelineError
+from animl_retrain.core.errors import PipelineError
 
 
 class StageConfig(BaseModel):

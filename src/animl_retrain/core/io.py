@@ -1,70 +1,21 @@
-"""Small pieces every stage uses: errors, atomic writes, safe paths and the stage report."""
+"""Atomic file writes, cleaning up after killed writes, and reading and writing JSON files."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import json
-import logging
 import os
 import re
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("animl_retrain")
-
-REPORT_NAME = "report.json"
-
-
-class PipelineError(Exception):
-    """An error the user can act on; the CLI prints its message without a traceback."""
-
-
-class UnsafePathError(PipelineError):
-    """A path from the input would leave the folder it must stay in."""
-
-
-class DiskFullError(PipelineError):
-    """A write failed because the file system is full (or the quota is spent); nothing was left half-written."""
-
+from animl_retrain.core.errors import DiskFullError, PipelineError
+from animl_retrain.core.logging import log
 
 _DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
-
-
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-def safe_relpath(name: object, what: str = "path") -> str:
-    """Return ``name`` if it is a plain relative POSIX path that stays inside its folder.
-
-    Rejects absolute paths, drive letters, backslashes, empty, ``.`` and ``..`` segments and control
-    characters, so that a path taken from an export can never read or write outside its folder.
-    """
-    if not isinstance(name, str) or not name:
-        raise UnsafePathError(f"{what} must be a non-empty string, got {name!r}")
-    if "\\" in name or name.startswith("/") or _DRIVE.match(name):
-        raise UnsafePathError(f"{what} {name!r} is absolute or uses backslashes")
-    if any(ord(c) < 32 for c in name):
-        raise UnsafePathError(f"{what} {name!r} contains control characters")
-    if any(part in ("", ".", "..") for part in name.split("/")):
-        raise UnsafePathError(f"{what} {name!r} has an empty, '.' or '..' segment")
-    return name
-
-
-def redact_url(url: str) -> str:
-    """Hide any ``user:password@`` part of a URL before it reaches a log or an error message."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
-
-
-def safe_filename(text: str, max_len: int = 120) -> str:
-    """Turn any id into a file-name stem made of letters, digits, '-', '_' and '.'."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
-    return stem[:max_len]
-
-
 # The temporary name :func:`atomic_path` writes under: ``.<name>.<8 random characters>.part``.
 _PART = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.part$")
 
@@ -139,52 +90,3 @@ def read_json(path: Path, what: str | None = None) -> Any:
         raise PipelineError(f"{what or path} is not valid JSON: {e}") from e
     except RecursionError as e:
         raise PipelineError(f"{what or path} is JSON nested too deeply") from e
-
-
-class Report:
-    """What a stage did: counts, skipped items with the reason, and how long it took.
-
-    Written as ``report.json`` in the stage's output folder and shown in the run summary.
-    """
-
-    def __init__(self, stage: str):
-        self.stage = stage
-        self.counts: dict[str, Any] = {}
-        self.problems: list[dict[str, str]] = []
-        self.details: dict[str, Any] = {}
-        self._start = time.perf_counter()
-        self.seconds = 0.0
-
-    def problem(self, what: str, where: str, detail: str = "") -> None:
-        """Record one skipped item and log it."""
-        self.problems.append({"what": what, "where": where, "detail": detail})
-        log.warning("%s: %s: %s %s", self.stage, what, where, detail)
-
-    def problem_counts(self) -> dict[str, int]:
-        """Count problems by kind."""
-        out: dict[str, int] = {}
-        for p in self.problems:
-            out[p["what"]] = out.get(p["what"], 0) + 1
-        return out
-
-    def finish(self, out_dir: Path | None = None) -> dict[str, Any]:
-        """Stop the clock, optionally write ``report.json`` into ``out_dir``, and return the report."""
-        self.seconds = round(time.perf_counter() - self._start, 3)
-        data = {
-            "stage": self.stage,
-            "seconds": self.seconds,
-            "counts": self.counts,
-            "problem_counts": self.problem_counts(),
-            "problems": self.problems,
-            **self.details,
-        }
-        if out_dir is not None:
-            write_json(Path(out_dir) / REPORT_NAME, data)
-        return data
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """Log to stderr with a short, readable format."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("botocore", "urllib3", "boto3", "s3transfer", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from animl_retrain.core.io import PipelineError, atomic_path
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import atomic_path
 
 S3_PREFIX = "s3://"
 

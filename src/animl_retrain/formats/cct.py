@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from animl_retrain.core.io import PipelineError
+from animl_retrain.core.errors import PipelineError
 
 MAX_ERRORS_SHOWN = 15
 # Image sides above this are a broken or hostile record (the largest camera-trap frames are ~10,000 px wide).

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 
 from animl_retrain.core import storage
-from animl_retrain.core.io import PipelineError
+from animl_retrain.core.errors import PipelineError
 
 OTHER = "other"
 EMPTY = "empty"

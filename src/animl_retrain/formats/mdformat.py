@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from animl_retrain.core.io import PipelineError, read_json, write_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import read_json, write_json
 
 FORMAT_VERSION = "1.6"
 DETECTION_CATEGORIES = {"1": "animal", "2": "person", "3": "vehicle"}

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from animl_retrain.core.io import PipelineError, atomic_path
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import atomic_path
 
 # Every image of the export that survived validation.
 IMAGES = {

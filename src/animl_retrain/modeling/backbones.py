@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from animl_retrain.core import storage
-from animl_retrain.core.io import PipelineError, log
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.logging import log
 from animl_retrain.vision.preprocessing import Preprocessing
 
 # architecture -> attribute holding the final Linear layer. All are torchvision's except those in OWN_ARCHITECTURES.

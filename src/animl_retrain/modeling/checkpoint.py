@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from animl_retrain.core import storage
-from animl_retrain.core.io import PipelineError, log
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.logging import log
 
 RESUME_FORMAT = "animl-retrain-resume/1"
 RESUME_FILE, RUN_FILE, PROGRESS_FILE = "resume.pt", "run.json", "progress.json"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from animl_retrain.core.io import PipelineError
+from animl_retrain.core.errors import PipelineError
 
 CHUNK = 256
 

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from animl_retrain.core.io import PipelineError, log
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.logging import log
 from animl_retrain.vision.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
 
 PAD_VALUE = 114  # YOLOv5's letterbox grey

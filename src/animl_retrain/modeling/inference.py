@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from animl_retrain.core.io import PipelineError
+from animl_retrain.core.errors import PipelineError
 from animl_retrain.vision.preprocessing import Preprocessing
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from animl_retrain.core.io import PipelineError, log, write_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import write_json
+from animl_retrain.core.logging import log
 from animl_retrain.modeling.inference import Classifier
 from animl_retrain.serving.http import LABELS_FILE, MODEL_FILES, PREPROCESSING_FILE, load_classifier
 

@@ -14,7 +14,10 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from animl_retrain.config import StageConfig
-from animl_retrain.core.io import Report, log, read_json, safe_relpath
+from animl_retrain.core.checks import safe_relpath
+from animl_retrain.core.io import read_json
+from animl_retrain.core.logging import log
+from animl_retrain.core.report import Report
 from animl_retrain.formats import mdformat, tables
 from animl_retrain.stages.download import IMAGES_DIR
 from animl_retrain.vision.images import BadImageError, image_size

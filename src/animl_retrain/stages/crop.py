@@ -22,15 +22,11 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from animl_retrain.config import StageConfig
-from animl_retrain.core.io import (
-    PipelineError,
-    Report,
-    atomic_path,
-    log,
-    remove_partial_files,
-    safe_filename,
-    safe_relpath,
-)
+from animl_retrain.core.checks import safe_filename, safe_relpath
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import atomic_path, remove_partial_files
+from animl_retrain.core.logging import log
+from animl_retrain.core.report import Report
 from animl_retrain.formats import mdformat, tables
 from animl_retrain.stages.cct_to_md import RESULTS_FILE
 from animl_retrain.stages.detect import RESULTS_FILE as DETECTIONS_FILE

@@ -24,7 +24,10 @@ from pydantic import BaseModel, Field
 
 from animl_retrain.config import StageConfig
 from animl_retrain.core import storage
-from animl_retrain.core.io import PipelineError, Report, log, read_json, write_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import read_json, write_json
+from animl_retrain.core.logging import log
+from animl_retrain.core.report import Report
 from animl_retrain.integrations.animl import mlmodel
 from animl_retrain.integrations.aws import sagemaker, torchserve
 from animl_retrain.integrations.mlflow import registry

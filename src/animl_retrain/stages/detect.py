@@ -31,7 +31,10 @@ from tqdm import tqdm
 
 from animl_retrain.config import StageConfig
 from animl_retrain.core import storage
-from animl_retrain.core.io import PipelineError, Report, log, safe_filename, safe_relpath
+from animl_retrain.core.checks import safe_filename, safe_relpath
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.logging import log
+from animl_retrain.core.report import Report
 from animl_retrain.formats import mdformat, tables
 from animl_retrain.stages.cct_to_md import RESULTS_FILE as GROUND_TRUTH_FILE
 from animl_retrain.stages.download import IMAGES_DIR

@@ -25,16 +25,11 @@ from tqdm import tqdm
 
 from animl_retrain.config import StageConfig
 from animl_retrain.core import storage
-from animl_retrain.core.io import (
-    DiskFullError,
-    PipelineError,
-    Report,
-    UnsafePathError,
-    atomic_path,
-    log,
-    remove_partial_files,
-    safe_relpath,
-)
+from animl_retrain.core.checks import safe_relpath
+from animl_retrain.core.errors import DiskFullError, PipelineError, UnsafePathError
+from animl_retrain.core.io import atomic_path, remove_partial_files
+from animl_retrain.core.logging import log
+from animl_retrain.core.report import Report
 from animl_retrain.formats import tables
 from animl_retrain.vision.images import DEFAULT_MAX_PIXELS, BadImageError, verify_image
 

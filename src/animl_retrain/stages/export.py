@@ -24,7 +24,11 @@ from pydantic import BaseModel, Field, model_validator
 
 from animl_retrain.config import StageConfig
 from animl_retrain.core import storage
-from animl_retrain.core.io import PipelineError, Report, UnsafePathError, log, safe_relpath, write_json
+from animl_retrain.core.checks import safe_relpath
+from animl_retrain.core.errors import PipelineError, UnsafePathError
+from animl_retrain.core.io import write_json
+from animl_retrain.core.logging import log
+from animl_retrain.core.report import Report
 from animl_retrain.formats import cct, mdformat, tables
 from animl_retrain.formats.labelspec import EMPTY, OTHER, load_label_spec, normalise_name
 from animl_retrain.integrations.animl import client as animl_api

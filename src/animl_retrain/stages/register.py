@@ -18,7 +18,10 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from animl_retrain.config import StageConfig
-from animl_retrain.core.io import PipelineError, Report, log, read_json, write_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import read_json, write_json
+from animl_retrain.core.logging import log
+from animl_retrain.core.report import Report
 from animl_retrain.integrations.mlflow import tracking
 from animl_retrain.stages.evaluate import METRICS_FILE, THRESHOLDS_FILE
 from animl_retrain.stages.train import CHECKPOINT

@@ -25,7 +25,10 @@ from pydantic import BaseModel, Field, model_validator
 
 from animl_retrain.config import StageConfig
 from animl_retrain.core import storage
-from animl_retrain.core.io import PipelineError, Report, log, write_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import write_json
+from animl_retrain.core.logging import log
+from animl_retrain.core.report import Report
 from animl_retrain.formats import tables
 
 SPLITS = ("train", "val", "test")

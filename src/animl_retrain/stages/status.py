@@ -19,7 +19,10 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from animl_retrain.config import StageConfig
-from animl_retrain.core.io import PipelineError, Report, log, redact_url, write_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import write_json
+from animl_retrain.core.logging import log, redact_url
+from animl_retrain.core.report import Report
 from animl_retrain.integrations.mlflow import tracking
 
 STATUS_FILE = "status.json"

@@ -26,7 +26,10 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from animl_retrain.config import StageConfig
-from animl_retrain.core.io import PipelineError, Report, log, read_json, redact_url, write_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import read_json, write_json
+from animl_retrain.core.logging import log, redact_url
+from animl_retrain.core.report import Report
 from animl_retrain.formats import tables
 from animl_retrain.integrations.mlflow import tracking
 from animl_retrain.modeling import checkpoint as resume

@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from animl_retrain.core.io import PipelineError, log
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.logging import log
 
 DEFAULT_EXPERIMENT = "animl-retrain"
 DEFAULT_SERVICE_ACCOUNT = "animl-retrain-pipeline"  # created by manifests/ with the RBAC it needs

@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
-from animl_retrain.core.io import REPORT_NAME, PipelineError, log
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.logging import log
+from animl_retrain.core.report import REPORT_NAME
 
 # Task name in the compiled pipeline -> the output folder holding its report.
 STAGE_OUTPUTS = {

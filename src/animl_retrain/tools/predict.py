@@ -17,7 +17,11 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from animl_retrain.config import StageConfig
-from animl_retrain.core.io import PipelineError, Report, UnsafePathError, log, read_json, safe_relpath
+from animl_retrain.core.checks import safe_relpath
+from animl_retrain.core.errors import PipelineError, UnsafePathError
+from animl_retrain.core.io import read_json
+from animl_retrain.core.logging import log
+from animl_retrain.core.report import Report
 from animl_retrain.formats import mdformat
 from animl_retrain.serving.http import load_classifier
 from animl_retrain.vision.images import BadImageError, open_image

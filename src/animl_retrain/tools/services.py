@@ -23,7 +23,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from animl_retrain.core.io import PipelineError, log
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.logging import log
 
 MLFLOW_BUCKET = "mlflow-artifacts"
 STATE_FILE = "services.json"

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from animl_retrain.core.io import log
+from animl_retrain.core.logging import log
 
 DEFAULT_THRESHOLD = 0.8
 THRESHOLDS_FILE = "thresholds.json"  # what the evaluate stage writes (per invasive class)

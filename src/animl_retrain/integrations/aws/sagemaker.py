@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from animl_retrain.core.io import PipelineError, log
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.logging import log
 
 BUSY = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting", "UpdateRollbackFailed")
 _NAME = re.compile(r"[^a-zA-Z0-9-]+")

@@ -25,7 +25,8 @@ import zipfile
 from pathlib import Path
 
 import animl_retrain
-from animl_retrain.core.io import PipelineError, atomic_path
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import atomic_path
 from animl_retrain.serving.http import LABELS_FILE, MODEL_FILES, PREPROCESSING_FILE
 
 ARCHIVER_VERSION = "0.12.0"
@@ -35,7 +36,7 @@ HANDLER_FILE = "animl_handler.py"
 SHIPPED_MODULES = (
     "__init__.py",
     "core/__init__.py",
-    "core/io.py",
+    "core/errors.py",
     "vision/__init__.py",
     "vision/images.py",
     "vision/preprocessing.py",

@@ -17,7 +17,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 import animl_retrain
-from animl_retrain.core.io import PipelineError
+from animl_retrain.core.errors import PipelineError
 
 ARTIFACT_PATH = "model"
 

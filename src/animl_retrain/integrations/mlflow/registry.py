@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from animl_retrain.core.io import PipelineError, write_json
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import write_json
 from animl_retrain.integrations.mlflow import tracking
 from animl_retrain.modeling.backbones import load_checkpoint
 from animl_retrain.serving.http import MODEL_FILES, PREPROCESSING_FILE

@@ -7,7 +7,8 @@ import time
 import urllib.error
 import urllib.request
 
-from animl_retrain.core.io import PipelineError, redact_url
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.logging import redact_url
 
 RUN_FILE = "mlflow_run.json"
 

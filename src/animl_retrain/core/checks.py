@@ -1,0 +1,32 @@
+"""Checks on values that come from outside: paths that must stay in their folder, names safe as file names."""
+
+from __future__ import annotations
+
+import re
+
+from animl_retrain.core.errors import UnsafePathError
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def safe_relpath(name: object, what: str = "path") -> str:
+    """Return ``name`` if it is a plain relative POSIX path that stays inside its folder.
+
+    Rejects absolute paths, drive letters, backslashes, empty, ``.`` and ``..`` segments and control
+    characters, so that a path taken from an export can never read or write outside its folder.
+    """
+    if not isinstance(name, str) or not name:
+        raise UnsafePathError(f"{what} must be a non-empty string, got {name!r}")
+    if "\\" in name or name.startswith("/") or _DRIVE.match(name):
+        raise UnsafePathError(f"{what} {name!r} is absolute or uses backslashes")
+    if any(ord(c) < 32 for c in name):
+        raise UnsafePathError(f"{what} {name!r} contains control characters")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise UnsafePathError(f"{what} {name!r} has an empty, '.' or '..' segment")
+    return name
+
+
+def safe_filename(text: str, max_len: int = 120) -> str:
+    """Turn any id into a file-name stem made of letters, digits, '-', '_' and '.'."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
+    return stem[:max_len]
