@@ -29,6 +29,7 @@ def deploy_op(
 
     from animl_retrain.components.runtime import run_stage
 
+    from animl_retrain.formats import layout
     from animl_retrain.stages import deploy as deploy_stage
 
     run_stage(
@@ -36,7 +37,7 @@ def deploy_op(
         deploy_stage.DeployConfig,
         deployment,
         out=deployment.path,
-        parity_images=str(Path(crops.path) / "crops"),
+        parity_images=str(Path(crops.path) / layout.CROPS_DIR),
         registration=registration.path,
         evaluation=evaluation.path,
         name=name,
@@ -49,6 +50,6 @@ def deploy_op(
         max_concurrency=max_concurrency,
         dry_run=dry_run,
     )
-    record = Path(deployment.path) / deploy_stage.MLMODEL_FILE
+    record = Path(deployment.path) / layout.MLMODEL_FILE
     Path(mlmodel.path).write_text(record.read_text() if record.is_file() else "{}\n")
-    shutil.copyfile(Path(deployment.path) / "deployment.md", summary.path)
+    shutil.copyfile(Path(deployment.path) / layout.DEPLOYMENT_SUMMARY_FILE, summary.path)

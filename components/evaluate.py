@@ -26,6 +26,7 @@ def evaluate_op(
 
     from animl_retrain.components.runtime import run_stage
 
+    from animl_retrain.formats import layout
     from animl_retrain.stages import evaluate as stage
 
     run_stage(
@@ -40,11 +41,11 @@ def evaluate_op(
         registered_name=registered_name,
         target_precision=target_precision,
     )
-    scores = json.loads((Path(evaluation.path) / stage.METRICS_FILE).read_text())
+    scores = json.loads((Path(evaluation.path) / layout.METRICS_FILE).read_text())
     result = scores["model"]
     for key in ("top1", "top3", "macro_f1", "weighted_f1"):
         metrics.log_metric(f"test_{key}", round(result[key], 4))
     metrics.log_metric("test_ece", round(scores["calibration"]["ece"], 4))
     confusion.log_confusion_matrix(result["labels"], result["confusion_matrix"])
-    shutil.copyfile(Path(evaluation.path) / "summary.md", summary.path)
-    shutil.copyfile(Path(evaluation.path) / stage.REPORT_FILE, report.path)
+    shutil.copyfile(Path(evaluation.path) / layout.SUMMARY_FILE, summary.path)
+    shutil.copyfile(Path(evaluation.path) / layout.HTML_REPORT_FILE, report.path)

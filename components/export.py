@@ -30,6 +30,7 @@ def export_op(
 
     from animl_retrain.components.runtime import run_stage
 
+    from animl_retrain.formats import layout
     from animl_retrain.stages import export as stage
 
     result = run_stage(
@@ -52,5 +53,5 @@ def export_op(
         incremental=incremental,
         model_name=model_name,
     )
-    shutil.copyfile(Path(export.path) / "summary.md", summary.path)
+    shutil.copyfile(Path(export.path) / layout.SUMMARY_FILE, summary.path)
     return result.decision

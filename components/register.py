@@ -21,6 +21,7 @@ def register_op(
 
     from animl_retrain.components.runtime import run_stage
 
+    from animl_retrain.formats import layout
     from animl_retrain.stages import register as stage
 
     run_stage(
@@ -34,4 +35,4 @@ def register_op(
         name=name,
         kfp_run_id=kfp_run_id,
     )
-    shutil.copyfile(Path(registration.path) / "registration.md", summary.path)
+    shutil.copyfile(Path(registration.path) / layout.REGISTRATION_SUMMARY_FILE, summary.path)

@@ -4,7 +4,7 @@ import pytest
 from megadetector.postprocessing.validate_batch_results import ValidateBatchResultsOptions, validate_batch_results
 
 from animl_retrain.core.io import read_json
-from animl_retrain.formats import mdformat
+from animl_retrain.formats import layout, mdformat
 from animl_retrain.stages import cct_to_md, download, export
 from tests.conftest import TEST_SPEC, jpeg_bytes, make_export
 
@@ -18,7 +18,7 @@ def validate(path):
 
 
 def test_demo_ground_truth_passes_megadetector_validator(stage_outputs):
-    path = stage_outputs["ground_truth"] / cct_to_md.RESULTS_FILE
+    path = stage_outputs["ground_truth"] / layout.GROUND_TRUTH_FILE
     validate(path)
     data = read_json(path)
     assert data["info"]["format_version"] == "1.6"
@@ -42,7 +42,7 @@ def converted(tmp_path):
             download.DownloadConfig(export=tmp_path / "e", images_uri=str(tmp_path / "bucket"), out=tmp_path / "i")
         )
         cct_to_md.run(cct_to_md.CctToMdConfig(export=tmp_path / "e", images=tmp_path / "i", out=tmp_path / "g"))
-        return read_json(tmp_path / "g" / cct_to_md.RESULTS_FILE), read_json(tmp_path / "g" / "report.json")
+        return read_json(tmp_path / "g" / layout.GROUND_TRUTH_FILE), read_json(tmp_path / "g" / "report.json")
 
     return run
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from animl_retrain.core.io import read_json
-from animl_retrain.formats import tables
+from animl_retrain.formats import layout, tables
 from animl_retrain.stages import crop
 from animl_retrain.vision.preprocessing import Preprocessing, cut_square, draft_scale, square_region
 
@@ -38,7 +38,7 @@ def test_serving_crop_matches_stored_crop(stage_outputs):
     """The crop stage and a model's own preprocessing cut the same square from the same image."""
     crops = tables.read_table(stage_outputs["crops"] / "crops.csv", tables.CROPS)
     row = crops.iloc[0]
-    stored = Image.open(stage_outputs["crops"] / crop.CROPS_DIR / row["crop"]).convert("RGB")
+    stored = Image.open(stage_outputs["crops"] / layout.CROPS_DIR / row["crop"]).convert("RGB")
     image = stage_outputs["images"] / "images" / row["file"]
     served = Preprocessing(image_size=32).crop_from_image(image.read_bytes(), [row.x, row.y, row.w, row.h])
     buf = io.BytesIO()
@@ -60,7 +60,7 @@ def test_crop_manifest(stage_outputs):
     assert set(crops["box_source"]) == {"ground_truth"}
     assert crops["annotation_id"].is_unique
     for rel in crops["crop"].head(10):
-        assert Image.open(stage_outputs["crops"] / crop.CROPS_DIR / rel).size == (32, 32)
+        assert Image.open(stage_outputs["crops"] / layout.CROPS_DIR / rel).size == (32, 32)
 
 
 def test_unreadable_images_are_reported_not_fatal(stage_outputs, tmp_path):

@@ -5,10 +5,10 @@ import pytest
 
 from animl_retrain.cli import main
 from animl_retrain.core.errors import PipelineError
+from animl_retrain.formats.layout import CROPS_DIR
 from animl_retrain.integrations.animl import mlmodel
 from animl_retrain.integrations.aws import sagemaker as aws_deploy
 from animl_retrain.stages import deploy
-from animl_retrain.stages.crop import CROPS_DIR
 from tests.serving_support import LABELS, moto_server, register_checkpoint, tiny_checkpoint
 
 NAME = "deploy-tests"

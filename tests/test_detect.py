@@ -12,7 +12,7 @@ from PIL import Image
 
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json
-from animl_retrain.formats import mdformat, tables
+from animl_retrain.formats import layout, mdformat, tables
 from animl_retrain.modeling import detector
 from animl_retrain.stages import cct_to_md, crop, detect, download, export
 from tests import tiny_detector
@@ -184,7 +184,7 @@ def project(tmp_path_factory):
     out = {name: root / name for name in ("export", "images", "ground_truth")}
     export.run(export.ExportConfig(source=str(root / "export.json"), label_spec=SPEC, out=out["export"]))
     download.run(download.DownloadConfig(export=out["export"], images_uri=str(root / "bucket"), out=out["images"]))
-    corrupt = out["images"] / download.IMAGES_DIR / _file("p:i6")
+    corrupt = out["images"] / layout.IMAGES_DIR / _file("p:i6")
     corrupt.write_bytes(corrupt.read_bytes()[:300])
     cct_to_md.run(cct_to_md.CctToMdConfig(export=out["export"], images=out["images"], out=out["ground_truth"]))
     out["model"] = tiny_detector.export(root / "tiny.onnx")
@@ -205,7 +205,7 @@ def run_detect(project, out, **changes):
     )
     values.update(changes)
     result = detect.run(detect.DetectConfig(**values))
-    return result, read_json(Path(out) / detect.RESULTS_FILE), read_json(Path(out) / "report.json")
+    return result, read_json(Path(out) / layout.DETECTIONS_FILE), read_json(Path(out) / "report.json")
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +326,7 @@ def test_fixed_shape_model_and_half_precision_give_the_same_boxes(project, detec
 def test_without_weights_the_stage_is_skipped_and_crop_uses_ground_truth(project, tmp_path):
     result, results, report = run_detect(project, tmp_path / "skip", weights="")
     assert result.skipped and results["images"] == [] and "no detector weights" in report["skipped"]
-    validate(tmp_path / "skip" / detect.RESULTS_FILE)
+    validate(tmp_path / "skip" / layout.DETECTIONS_FILE)
     crop.run(
         crop.CropConfig(
             images=project["images"],
@@ -374,7 +374,7 @@ def many_images(tmp_path):
     rows = []
     for i in range(300):
         file = f"cam/img{i:04d}.jpg"
-        path = root / "images" / download.IMAGES_DIR / file
+        path = root / "images" / layout.IMAGES_DIR / file
         path.parent.mkdir(parents=True, exist_ok=True)
         img = Image.new("RGB", (96, 72), (30, 30, 30))
         img.paste((255, 255, 255), (8 + i % 40, 8, 40 + i % 40, 40))
@@ -409,7 +409,7 @@ def test_killed_run_resumes_without_redoing_finished_images(many_images, tmp_pat
         "--image-size", "64", "--batch-size", "1", "--checkpoint-every", "1", "--workers", "1", "--device", "cpu",
     ]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    shards = out / detect.CHECKPOINT_DIR
+    shards = out / layout.DETECT_CHECKPOINT_DIR
     try:
         deadline = time.monotonic() + 120
         while len(list(shards.glob("shard-*.json"))) < 5 and time.monotonic() < deadline and proc.poll() is None:
@@ -419,7 +419,7 @@ def test_killed_run_resumes_without_redoing_finished_images(many_images, tmp_pat
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     done_before = sum(len(json.loads(p.read_text())) for p in shards.glob("shard-*.json"))
-    assert 5 <= done_before < 300 and not (out / detect.RESULTS_FILE).exists()
+    assert 5 <= done_before < 300 and not (out / layout.DETECTIONS_FILE).exists()
 
     cfg = dict(
         images=many_images / "images",
@@ -436,7 +436,8 @@ def test_killed_run_resumes_without_redoing_finished_images(many_images, tmp_pat
     fresh = detect.run(detect.DetectConfig(**cfg, out=tmp_path / "fresh"))
     assert fresh.resumed == 0
     assert (
-        read_json(out / detect.RESULTS_FILE)["images"] == read_json(tmp_path / "fresh" / detect.RESULTS_FILE)["images"]
+        read_json(out / layout.DETECTIONS_FILE)["images"]
+        == read_json(tmp_path / "fresh" / layout.DETECTIONS_FILE)["images"]
     )
 
 
@@ -457,7 +458,7 @@ def test_checkpoint_from_other_settings_is_not_reused(many_images, tmp_path):
         )
     )
     assert result.resumed == 0 and result.processed == 300
-    assert by_id_count(read_json(tmp_path / "out" / detect.RESULTS_FILE)) == 300
+    assert by_id_count(read_json(tmp_path / "out" / layout.DETECTIONS_FILE)) == 300
 
 
 def by_id_count(results):
@@ -468,7 +469,7 @@ def test_half_precision_is_kept_only_within_tolerance(project):
     model = project["model"]
     half = detector.Detector(model, "cpu", "fp16")
     full = detector.Detector(model, "cpu", "fp32")
-    files = [project["images"] / download.IMAGES_DIR / _file(i) for i in ("p:i1", "p:i5")]
+    files = [project["images"] / layout.IMAGES_DIR / _file(i) for i in ("p:i1", "p:i5")]
     batch = list(detector.decoded_images(files, 640, None, 0, 10**8))
     cfg = detect.DetectConfig(images=project["images"], ground_truth=project["ground_truth"], out=project["root"])
     found = detect._run_batch(half, batch, cfg.min_conf, None)
@@ -497,7 +498,7 @@ def test_weights_and_checkpoint_on_s3_resume_a_run(project, s3, bucket, tmp_path
     ckpt.save([{"file": _file("p:i1"), "detections": []}])
     result = detect.run(detect.DetectConfig(**cfg, out=tmp_path / "out"))
     assert result.resumed == 1 and result.processed == 5
-    results = by_id(read_json(tmp_path / "out" / detect.RESULTS_FILE))
+    results = by_id(read_json(tmp_path / "out" / layout.DETECTIONS_FILE))
     assert results["p:i1"]["detections"] == [] and len(results["p:i2"]["detections"]) == 3
     assert s3.list_objects_v2(Bucket=bucket, Prefix="checkpoints/").get("KeyCount") == 0  # cleared when done
 

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from animl_retrain.core.io import read_json
-from animl_retrain.formats import tables
+from animl_retrain.formats import layout, tables
 from animl_retrain.stages import crop, download, export, split
 from animl_retrain.tools import services
 from animl_retrain.vision.images import verify_image
@@ -111,7 +111,7 @@ def test_s3_killed_mid_download_then_restarted_resumes_and_loses_nothing(tmp_pat
         export.run(export.ExportConfig(source=str(tmp_path / "export.json"), label_spec=TEST_SPEC, out=tmp_path / "e"))
 
         out = tmp_path / "img"
-        images = out / download.IMAGES_DIR
+        images = out / layout.IMAGES_DIR
         args = ["download", "--export", str(tmp_path / "e"), "--images-uri", "s3://images", "--out", str(out)]
         proc = start([*args, "--workers", "2", "--retries", "1"], env, log=tmp_path / "first.log")
         try:
@@ -164,19 +164,19 @@ def crop_args(stage_outputs, out: Path) -> list[str]:
 @pytest.mark.parametrize("seed", [1, 2])
 def test_crop_killed_mid_write_reruns_to_the_same_outputs(stage_outputs, tmp_path, seed):
     reference = stage_outputs["crops"]
-    expected = files_under(reference / crop.CROPS_DIR)
+    expected = files_under(reference / layout.CROPS_DIR)
     kill_after = random.Random(seed).randint(1, len(expected) // 2)  # crops on disk when the kill comes
     out = tmp_path / "crops"
     proc = start(crop_args(stage_outputs, out))
     try:
-        wait_until(lambda: sum(1 for _ in (out / crop.CROPS_DIR).rglob("*.jpg")) >= kill_after, proc)
+        wait_until(lambda: sum(1 for _ in (out / layout.CROPS_DIR).rglob("*.jpg")) >= kill_after, proc)
         assert proc.poll() is None, "the crop stage ended before it could be killed"
         kill_group(proc)
     finally:
         kill_group(proc)
     assert proc.returncode == -signal.SIGKILL
     # No partial file under a final name: every crop there is byte-identical to the uninterrupted run's.
-    written = files_under(out / crop.CROPS_DIR)
+    written = files_under(out / layout.CROPS_DIR)
     finished = {k: v for k, v in written.items() if not k.endswith(".part")}
     assert finished and all(expected[k] == v for k, v in finished.items())
     assert not (out / "crops.csv").exists() and not (out / "report.json").exists()
@@ -187,9 +187,9 @@ def test_crop_killed_mid_write_reruns_to_the_same_outputs(stage_outputs, tmp_pat
         )
     )
     assert result.crops == len(expected)
-    assert files_under(out / crop.CROPS_DIR) == expected  # leftover .part files of the killed run removed too
+    assert files_under(out / layout.CROPS_DIR) == expected  # leftover .part files of the killed run removed too
     assert (out / "crops.csv").read_bytes() == (reference / "crops.csv").read_bytes()
-    for path in (out / crop.CROPS_DIR).rglob("*.jpg"):
+    for path in (out / layout.CROPS_DIR).rglob("*.jpg"):
         verify_image(path)
 
 
@@ -239,7 +239,7 @@ def test_disk_full_while_writing_crops_is_a_clear_error_and_corrupts_nothing(sta
     if reason:
         pytest.skip(reason)
     reference = stage_outputs["crops"]
-    expected = files_under(reference / crop.CROPS_DIR)
+    expected = files_under(reference / layout.CROPS_DIR)
     size_kb = max(8, sum(len(v) for v in expected.values()) // 1024 // 3)  # room for about a third of the crops
     out, kept = tmp_path / "full", tmp_path / "kept"
     out.mkdir()
@@ -262,7 +262,7 @@ mkdir -p '{tmp_path}/after' && cp -a '{out}/.' '{tmp_path}/after/'
     [line] = [x for x in log.splitlines() if x.startswith("error:")]
     assert "no space left on device" in line and str(out) in line and "re-run" in line
     # Nothing corrupted: no table or report claims the run finished, and every crop on the full disk is whole
-    written = files_under(kept / crop.CROPS_DIR) if (kept / crop.CROPS_DIR).is_dir() else {}
+    written = files_under(kept / layout.CROPS_DIR) if (kept / layout.CROPS_DIR).is_dir() else {}
     assert not (kept / "crops.csv").exists() and not (kept / "report.json").exists()
     assert not [k for k in written if k.endswith(".part")]
     assert all(expected[k] == v for k, v in written.items()) and len(written) < len(expected)
@@ -270,5 +270,5 @@ mkdir -p '{tmp_path}/after' && cp -a '{out}/.' '{tmp_path}/after/'
     # With space again, a re-run completes and gives the uninterrupted run's outputs.
     after = tmp_path / "after"
     assert (tmp_path / "rerun.rc").read_text().strip() == "0", (tmp_path / "rerun.log").read_text()[-3000:]
-    assert files_under(after / crop.CROPS_DIR) == expected
+    assert files_under(after / layout.CROPS_DIR) == expected
     assert (after / "crops.csv").read_bytes() == (reference / "crops.csv").read_bytes()

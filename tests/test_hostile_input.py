@@ -22,7 +22,7 @@ from PIL import Image
 
 from animl_retrain.core.errors import PipelineError, UnsafePathError
 from animl_retrain.core.io import read_json
-from animl_retrain.formats import cct, mdformat, tables
+from animl_retrain.formats import cct, layout, mdformat, tables
 from animl_retrain.formats.labelspec import load_label_spec
 from animl_retrain.stages import cct_to_md, crop, detect, download, export
 from animl_retrain.tools import predict
@@ -118,7 +118,7 @@ def test_a_tampered_image_table_never_reads_or_writes_outside(tmp_path, column, 
             )
         )
     assert tree(tmp_path, tmp_path / "out") == before
-    assert not (tmp_path / "out" / download.IMAGES_DIR / "ok.jpg").exists()  # refused before fetching anything
+    assert not (tmp_path / "out" / layout.IMAGES_DIR / "ok.jpg").exists()  # refused before fetching anything
 
     # cct-to-md and detect are handed the same table as if it came from the download stage
     tables.write_table(pd.DataFrame(rows), tmp_path / "images" / "images.csv", tables.IMAGES)
@@ -242,7 +242,7 @@ def test_download_reports_every_bad_image_and_keeps_the_good_one(bad_image_proje
     assert (result.downloaded, result.corrupt) == (1, len(names) - 1)
     report = read_json(tmp_path / "img" / "report.json")
     assert sorted(p["where"].split("'")[1] for p in report["problems"]) == sorted(n for n in names if n != "good.jpg")
-    assert [p.name for p in (tmp_path / "img" / download.IMAGES_DIR).iterdir()] == ["good.jpg"]  # no bad file kept
+    assert [p.name for p in (tmp_path / "img" / layout.IMAGES_DIR).iterdir()] == ["good.jpg"]  # no bad file kept
     cfg.max_missing_fraction = 0.5
     with pytest.raises(PipelineError, match=f"{len(names) - 1} of {len(names)} images are missing or undecodable"):
         download.run(cfg)
@@ -252,9 +252,9 @@ def test_crop_reports_every_bad_image_and_crops_the_good_one(bad_image_project, 
     """Images that changed on disk after the download check (or a download run without --verify)."""
     root, names = bad_image_project
     images = tmp_path / "images"
-    (images / download.IMAGES_DIR).mkdir(parents=True)
+    (images / layout.IMAGES_DIR).mkdir(parents=True)
     for name in names:
-        (images / download.IMAGES_DIR / name).write_bytes((root / "bucket" / name).read_bytes())
+        (images / layout.IMAGES_DIR / name).write_bytes((root / "bucket" / name).read_bytes())
     tables.write_table(pd.DataFrame([image_row(n) for n in names]), images / "images.csv", tables.IMAGES)
     gt = mdformat.new_results("ground truth", classification_labels=["fox"])
     gt["images"] = [
@@ -467,8 +467,8 @@ def md_project(tmp_path):
     """Two downloaded images and a ground-truth file with one good box on each."""
     images = tmp_path / "images"
     for name in ("a.jpg", "b.jpg"):
-        (images / download.IMAGES_DIR / name).parent.mkdir(parents=True, exist_ok=True)
-        (images / download.IMAGES_DIR / name).write_bytes(jpeg_bytes((64, 48)))
+        (images / layout.IMAGES_DIR / name).parent.mkdir(parents=True, exist_ok=True)
+        (images / layout.IMAGES_DIR / name).write_bytes(jpeg_bytes((64, 48)))
     tables.write_table(pd.DataFrame([image_row("a.jpg"), image_row("b.jpg")]), images / "images.csv", tables.IMAGES)
     gt = mdformat.new_results("ground truth", classification_labels=["fox"])
     gt["images"] = [
@@ -510,7 +510,7 @@ def run_predict(images: Path, results: dict, model: Path, out: Path) -> tuple[pr
     mdformat.write_results(out.parent / "detections.json", results)
     result = predict.run(
         predict.PredictConfig(
-            model=model, images=images / download.IMAGES_DIR, detections=out.parent / "detections.json", out=out
+            model=model, images=images / layout.IMAGES_DIR, detections=out.parent / "detections.json", out=out
         )
     )
     return result, read_json(out / predict.RESULTS_FILE), read_json(out / "report.json")

@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from animl_retrain.stages import status as run_status
+from animl_retrain.formats import layout
 
 STAGE_TASKS = {
     "export-op": "export",
@@ -245,7 +245,7 @@ def test_a_failed_run_still_records_its_status_locally(small_demo, tmp_path, mon
     }
     with pytest.raises(PipelineError, match="the pipeline failed"):
         run_local(params, tmp_path)
-    [status_file] = tmp_path.rglob(f"record-status-op/run_status/{run_status.STATUS_FILE}")
+    [status_file] = tmp_path.rglob(f"record-status-op/run_status/{layout.STATUS_FILE}")
     status = json.loads(status_file.read_text())
     assert status["state"] == "FAILED"
     assert status["kfp_run_id"]

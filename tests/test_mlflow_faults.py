@@ -19,6 +19,7 @@ import pytest
 
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json, write_json
+from animl_retrain.formats import layout
 from animl_retrain.integrations.mlflow import tracking
 from animl_retrain.stages import evaluate, register, train
 from animl_retrain.tools import services
@@ -120,7 +121,7 @@ def test_mlflow_dying_mid_training_fails_clearly_and_a_retry_resumes(own_mlflow,
     assert proc.returncode != 0
     assert "error: train: the MLflow tracking server http://127.0.0.1" in stderr
     assert "no model was written and nothing was registered" in stderr and "a retry resumes from it" in stderr
-    assert not (tmp_path / "model" / train.CHECKPOINT).exists()  # nothing for evaluate/register to pick up
+    assert not (tmp_path / "model" / layout.MODEL_FILE).exists()  # nothing for evaluate/register to pick up
 
     own_mlflow.start()  # back, with the same database
     assert tracking.champion("faults-model")["version"] == champion
@@ -129,7 +130,7 @@ def test_mlflow_dying_mid_training_fails_clearly_and_a_retry_resumes(own_mlflow,
     result = json.loads(retry.stdout[retry.stdout.index("{\n") :])
     # it resumes where the checkpoint is: the epoch the server died in, or the next if that one's metrics went out
     assert re.fullmatch(r"epoch [2-6] step \d+", result["resumed_from"]), result["resumed_from"]
-    run_id = read_json(tmp_path / "model" / tracking.RUN_FILE)["run_id"]
+    run_id = read_json(tmp_path / "model" / layout.MLFLOW_RUN_FILE)["run_id"]
     assert result["mlflow_run_id"] == run_id  # the run the first attempt started, not a second one
     client = mlflow.MlflowClient()
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -165,11 +166,11 @@ def model_and_evaluations(servers, stage_outputs, tmp_path_factory):
     )
     worse = root / "worse"
     shutil.copytree(good, worse)
-    metrics = read_json(worse / evaluate.METRICS_FILE)
+    metrics = read_json(worse / layout.METRICS_FILE)
     f1 = metrics["model"]["macro_f1"]
     assert f1 > 0, "the tiny model learned nothing: no worse evaluation to make"
     metrics["model"]["macro_f1"] = f1 - 0.1 if f1 >= 0.1 else f1 / 2
-    write_json(worse / evaluate.METRICS_FILE, metrics)
+    write_json(worse / layout.METRICS_FILE, metrics)
     return root / "model", good, worse
 
 

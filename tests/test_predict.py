@@ -7,10 +7,10 @@ from megadetector.postprocessing.validate_batch_results import ValidateBatchResu
 from animl_retrain.cli import main
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json
+from animl_retrain.formats import layout
+from animl_retrain.formats.layout import IMAGES_DIR
 from animl_retrain.integrations.mlflow import registry
 from animl_retrain.modeling.inference import Classifier
-from animl_retrain.stages import cct_to_md
-from animl_retrain.stages.download import IMAGES_DIR
 from animl_retrain.tools import predict
 from tests.serving_support import LABELS, register_checkpoint, tiny_checkpoint
 
@@ -50,7 +50,7 @@ def test_pull_model_fetches_model_labels_and_preprocessing(pulled):
 @pytest.mark.server
 def test_predict_writes_a_valid_megadetector_file(pulled, stage_outputs, tmp_path, capsys):
     folder = pulled[0]
-    detections = stage_outputs["ground_truth"] / cct_to_md.RESULTS_FILE
+    detections = stage_outputs["ground_truth"] / layout.GROUND_TRUTH_FILE
     images = stage_outputs["images"] / IMAGES_DIR
     args = ["predict", "--model", str(folder), "--images", str(images), "--detections", str(detections)]
     assert main([*args, "--out", str(tmp_path / "out"), "--detection-threshold", "0.0"]) == 0
@@ -83,7 +83,7 @@ def test_predict_with_onnx_and_missing_images(pulled, stage_outputs, tmp_path):
     shutil.copytree(pulled[0], folder)
     crops = model_export.parity_images(stage_outputs["crops"], 4)
     model_export.export_model_folder(folder / "model.pt", folder, crops)
-    detections = read_json(stage_outputs["ground_truth"] / cct_to_md.RESULTS_FILE)
+    detections = read_json(stage_outputs["ground_truth"] / layout.GROUND_TRUTH_FILE)
     detections["images"][0]["file"] = "missing/frame.jpg"
     detections["images"][1]["detections"][0]["conf"] = 0.05  # below the threshold: left unclassified
     (tmp_path / "md.json").write_text(json.dumps(detections))

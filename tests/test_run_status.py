@@ -4,11 +4,12 @@ import json
 
 import pytest
 
+from animl_retrain.formats import layout
 from animl_retrain.stages import status as run_status
 
 
 def status_file(out) -> dict:
-    return json.loads((out / run_status.STATUS_FILE).read_text())
+    return json.loads((out / layout.STATUS_FILE).read_text())
 
 
 @pytest.mark.server

@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import pytest
 
 from animl_retrain.core.errors import PipelineError
+from animl_retrain.formats.layout import CROPS_DIR
 from animl_retrain.integrations.aws import torchserve as packaging
 from animl_retrain.modeling.inference import Classifier, animl_bbox_to_md
 from animl_retrain.serving import export as model_export
 from animl_retrain.serving import http as serving
-from animl_retrain.stages.crop import CROPS_DIR
 from tests.conftest import jpeg_bytes
 from tests.serving_support import LABELS, read_torchserve_response, tiny_checkpoint
 

@@ -6,6 +6,7 @@ import pytest
 
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json
+from animl_retrain.formats import layout
 from animl_retrain.integrations.mlflow import tracking
 from animl_retrain.modeling.backbones import build_model, load_checkpoint
 from animl_retrain.stages import evaluate, export, register, train
@@ -46,7 +47,7 @@ def test_checkpoint_describes_itself_and_mlflow_has_the_run(trained):
     import mlflow
 
     out, result = trained
-    ckpt = load_checkpoint(out / train.CHECKPOINT)
+    ckpt = load_checkpoint(out / layout.MODEL_FILE)
     assert ckpt["arch"] == "mobilenet_v3_small"
     assert ckpt["labels"] == ["bird", "fox", "lizard", "rodent", "skunk"]
     assert ckpt["preprocessing"]["image_size"] == 32 and ckpt["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
@@ -62,7 +63,7 @@ def test_evaluation_metrics(evaluated, trained):
     import mlflow
 
     out, result = evaluated
-    metrics = read_json(out / evaluate.METRICS_FILE)
+    metrics = read_json(out / layout.METRICS_FILE)
     assert metrics["status"] == "complete" and metrics["champion"] is None
     model = metrics["model"]
     assert set(model["per_class"]) == {"bird", "fox", "lizard", "rodent", "skunk"}
@@ -73,13 +74,13 @@ def test_evaluation_metrics(evaluated, trained):
     assert run.data.metrics["test_macro_f1"] == pytest.approx(result.macro_f1)
     assert run.data.metrics["test_ece"] == pytest.approx(metrics["calibration"]["ece"])
     # the demo's label spec marks rodent invasive: its threshold travels as a tag and an artifact
-    thresholds = read_json(out / evaluate.THRESHOLDS_FILE)
+    thresholds = read_json(out / layout.THRESHOLDS_FILE)
     assert thresholds["format"] == "animl-retrain-thresholds/1" and thresholds["invasive"] == ["rodent"]
     assert set(thresholds["thresholds"]) == {"rodent"} and 0 <= thresholds["thresholds"]["rodent"] <= 1
     assert json.loads(run.data.tags["invasive_thresholds"]) == thresholds["thresholds"] == result.thresholds
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/report.html", "evaluation/thresholds.json", "evaluation/reliability.png"} <= artifacts
-    page = (out / evaluate.REPORT_FILE).read_text()
+    page = (out / layout.HTML_REPORT_FILE).read_text()
     assert page.count("data:image/png;base64,") == 3 and "Operating points (target precision 0.95)" in page
     wrong = model["n"] - sum(model["confusion_matrix"][i][i] for i in range(len(model["labels"])))
     assert page.count("class='card'") == min(wrong, 24)  # the gallery of the most confident mistakes
@@ -116,10 +117,10 @@ def test_register_champion_then_challenger(trained, evaluated, stage_outputs, tm
     # a second model, scored against the champion on the same test set, that does not beat it
     worse = tmp_path / "worse"
     shutil.copytree(evaluated[0], worse)
-    metrics = read_json(worse / evaluate.METRICS_FILE)
+    metrics = read_json(worse / layout.METRICS_FILE)
     metrics["champion"] = {"version": first.version, "macro_f1": metrics["model"]["macro_f1"]}
     metrics["model"]["macro_f1"] -= 0.1
-    (worse / evaluate.METRICS_FILE).write_text(json.dumps(metrics))
+    (worse / layout.METRICS_FILE).write_text(json.dumps(metrics))
     second = register.run(
         register.RegisterConfig(
             model=trained[0], evaluation=worse, export=stage_outputs["export"], out=tmp_path / "r2", name="tests-model"
@@ -171,9 +172,9 @@ def test_incomplete_evaluation_never_registers(trained, evaluated, stage_outputs
 
     broken = tmp_path / "broken"
     shutil.copytree(evaluated[0], broken)
-    metrics = read_json(broken / evaluate.METRICS_FILE)
+    metrics = read_json(broken / layout.METRICS_FILE)
     metrics["model"]["macro_f1"] = float("nan")
-    (broken / evaluate.METRICS_FILE).write_text(json.dumps(metrics))
+    (broken / layout.METRICS_FILE).write_text(json.dumps(metrics))
     before = len(mlflow.MlflowClient().search_model_versions("name='tests-model'"))
     with pytest.raises(PipelineError, match="did not complete"):
         register.run(

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from animl_retrain.formats import layout
 from animl_retrain.modeling.backbones import load_checkpoint
 from animl_retrain.stages import train
 
@@ -75,7 +76,7 @@ def test_killed_training_resumes_to_the_same_result_in_the_same_mlflow_run(stage
 
     cmd = train_command(stage_outputs, tmp_path / "resumed", f"s3://{bucket}/killed", workers=2)
     progress, first_run_id = kill_mid_epoch(cmd, s3, bucket, "killed")
-    assert not (tmp_path / "resumed" / train.CHECKPOINT).exists()
+    assert not (tmp_path / "resumed" / layout.MODEL_FILE).exists()
     resumed = finish(cmd)
 
     assert resumed["resumed_from"].startswith("epoch 2 step ")
@@ -83,8 +84,8 @@ def test_killed_training_resumes_to_the_same_result_in_the_same_mlflow_run(stage
     assert resumed["best_epoch"] == straight["best_epoch"] and resumed["epochs_run"] == straight["epochs_run"] == 2
     for key, value in straight["best"].items():
         assert resumed["best"][key] == pytest.approx(value, abs=TOLERANCE)
-    a = load_checkpoint(tmp_path / "straight" / train.CHECKPOINT)["state_dict"]
-    b = load_checkpoint(tmp_path / "resumed" / train.CHECKPOINT)["state_dict"]
+    a = load_checkpoint(tmp_path / "straight" / layout.MODEL_FILE)["state_dict"]
+    b = load_checkpoint(tmp_path / "resumed" / layout.MODEL_FILE)["state_dict"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=TOLERANCE, rtol=0) for k in a)
 
     client = mlflow.MlflowClient()

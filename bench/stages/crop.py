@@ -20,8 +20,8 @@ from concurrent.futures import ProcessPoolExecutor
 import pandas as pd
 
 from animl_retrain.formats import mdformat, tables
+from animl_retrain.formats.layout import IMAGES_DIR
 from animl_retrain.stages import crop
-from animl_retrain.stages.download import IMAGES_DIR
 from animl_retrain.vision.images import open_image
 from animl_retrain.vision.preprocessing import draft_scale
 from bench.frames import describe, distinct_frames

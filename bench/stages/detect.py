@@ -20,9 +20,9 @@ import pandas as pd
 
 from animl_retrain.core.io import read_json
 from animl_retrain.formats import mdformat, tables
+from animl_retrain.formats.layout import IMAGES_DIR
 from animl_retrain.modeling import detector
 from animl_retrain.stages import detect
-from animl_retrain.stages.download import IMAGES_DIR
 from animl_retrain.vision.images import open_image
 from bench.harness import timed_pair
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from animl_retrain.formats import layout
 from animl_retrain.stages import crop
 from animl_retrain.vision.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from bench.harness import measure, measure_pair
@@ -60,7 +61,7 @@ def run(ctx):
     crops_out = ctx.work / "crops"
     shutil.rmtree(crops_out, ignore_errors=True)
     crop.run(crop.CropConfig(images=root, ground_truth=md_file, out=crops_out, crop_size=SIZE))
-    folder = ImageFolder(str(crops_out / crop.CROPS_DIR))
+    folder = ImageFolder(str(crops_out / layout.CROPS_DIR))
     paths = [p for p, _ in folder.samples]
     targets = np.array([t for _, t in folder.samples])
     n = len(paths)
@@ -76,7 +77,7 @@ def run(ctx):
         transform = preprocessing.train_transform("camera-trap" if augment else "none")
         ours_loader = make_loader(CropDataset(array, targets, transform), BATCH, workers, shuffle=True)
         theirs_loader = torch.utils.data.DataLoader(
-            ImageFolder(str(crops_out / crop.CROPS_DIR), transform=_theirs_transform(augment)),
+            ImageFolder(str(crops_out / layout.CROPS_DIR), transform=_theirs_transform(augment)),
             batch_size=BATCH,
             shuffle=True,
             num_workers=workers,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -88,3 +89,10 @@ def read_table(path: Path, schema: dict[str, str]) -> pd.DataFrame:
         elif kind == "bool":
             df[col] = df[col].astype(str).str.lower().eq("true")
     return df[list(schema)]
+
+
+def test_fingerprint(split: pd.DataFrame) -> str:
+    """Identifies the exact test set of a :data:`SPLIT` table: models are only compared on equal fingerprints."""
+    test = split[split["split"] == "test"].sort_values("annotation_id")
+    text = "\n".join(test["annotation_id"] + "\t" + test["label"])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

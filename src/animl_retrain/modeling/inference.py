@@ -65,3 +65,29 @@ class Classifier:
             raise PipelineError(f"{len(images)} images but {len(boxes)} boxes")
         crops = [self.preprocessing.crop_from_image(img, box) for img, box in zip(images, boxes, strict=True)]
         return self.probabilities(crops)
+
+
+def pick_device(name: str):
+    """Resolve 'auto' to CUDA when present."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def predict(model, loader, preprocessing, device) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and targets for every item of ``loader``."""
+    import torch
+
+    model.eval()
+    probs, targets = [], []
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+    ):
+        for x, y in loader:
+            logits = model(preprocessing.normalise(x.to(device, non_blocking=True)))
+            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            targets.append(y.numpy())
+    return np.concatenate(probs), np.concatenate(targets)

@@ -25,8 +25,9 @@ import numpy as np
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import write_json
 from animl_retrain.core.logging import log
+from animl_retrain.formats.model_folder import LABELS_FILE, MODEL_FILES, PARITY_FILE, PREPROCESSING_FILE
 from animl_retrain.modeling.inference import Classifier
-from animl_retrain.serving.http import LABELS_FILE, MODEL_FILES, PREPROCESSING_FILE, load_classifier
+from animl_retrain.serving.http import load_classifier
 
 ONNX_OPSET = 18
 # Float32 kernels differ in summation order between PyTorch and ONNX Runtime; real crops stay around 1e-6.
@@ -143,7 +144,7 @@ def export_model_folder(
             tolerance,
             results[backend]["top1_agreement"],
         )
-    write_json(out / "parity.json", results)
+    write_json(out / PARITY_FILE, results)
     failed = {b: r["max_abs_diff"] for b, r in results.items() if not r["passed"]}
     if failed:
         raise PipelineError(

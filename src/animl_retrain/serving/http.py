@@ -8,9 +8,8 @@ on top of :class:`animl_retrain.modeling.inference.Classifier`, so serving runs 
 that training and evaluation run (one definition, in :mod:`animl_retrain.vision.preprocessing`). Bad requests raise
 :class:`BadRequest` with an HTTP status (400, 413, 415) and a message; they never take the server down.
 
-A *model folder* holds what a handler needs: ``index_to_name.json`` (or ``label_index.json``),
-``preprocessing.json`` and one or more of ``model.pt`` (a training checkpoint, backend ``pytorch``),
-``model.torchscript.pt`` (``torchscript``) and ``model.onnx`` (``onnx``, run with ONNX Runtime on CPU).
+A *model folder* (:mod:`animl_retrain.formats.model_folder`) holds what a handler needs: the label index, the
+preprocessing and the model files of one or more backends (``onnx`` runs with ONNX Runtime on CPU).
 
 This module imports only the standard library, numpy and Pillow at load time (torch and onnxruntime are imported
 when a model loads), because it also ships inside the TorchServe ``.mar``, next to the preprocessing code.
@@ -31,16 +30,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from animl_retrain.formats.model_folder import BACKENDS, MODEL_FILES, PREPROCESSING_FILE, read_labels
 from animl_retrain.modeling.inference import Classifier, animl_bbox_to_md
 from animl_retrain.vision.images import BadImageError
 from animl_retrain.vision.preprocessing import Preprocessing
 
 log = logging.getLogger("animl_retrain.serving")
 
-BACKENDS = ("pytorch", "torchscript", "onnx")
-MODEL_FILES = {"pytorch": "model.pt", "torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
-LABELS_FILE = "index_to_name.json"
-PREPROCESSING_FILE = "preprocessing.json"
 FULL_FRAME = (0.0, 0.0, 1.0, 1.0)
 # Animl resizes originals over 2.8 MB before sending them; base64 adds a third. 16 MiB leaves room for both.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
@@ -149,16 +145,6 @@ class OnnxRuntimeModel:
 
         (logits,) = self.session.run(None, {self.input_name: batch.detach().cpu().numpy()})
         return torch.from_numpy(logits)
-
-
-def read_labels(folder: Path) -> list[str]:
-    """The label index of a model folder, in output order."""
-    for name in (LABELS_FILE, "label_index.json"):
-        path = Path(folder) / name
-        if path.is_file():
-            index = json.loads(path.read_text())
-            return [index[str(i)] for i in range(len(index))]
-    raise FileNotFoundError(f"{folder} has no {LABELS_FILE} or label_index.json")
 
 
 def load_classifier(folder: Path, backend: str = "torchscript", threads: int = 0) -> Classifier:

@@ -18,11 +18,8 @@ from animl_retrain.core.checks import safe_relpath
 from animl_retrain.core.io import read_json
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
-from animl_retrain.formats import mdformat, tables
-from animl_retrain.stages.download import IMAGES_DIR
+from animl_retrain.formats import layout, mdformat, tables
 from animl_retrain.vision.images import BadImageError, image_size
-
-RESULTS_FILE = "ground_truth.json"
 
 
 class CctToMdConfig(StageConfig):
@@ -45,9 +42,9 @@ class CctToMdResult(BaseModel):
 def run(cfg: CctToMdConfig) -> CctToMdResult:
     """Convert the kept objects of downloaded images into ``ground_truth.json``."""
     report = Report("cct-to-md")
-    images = tables.read_table(Path(cfg.images) / "images.csv", tables.IMAGES).set_index("image_id")
-    objects = tables.read_table(Path(cfg.export) / "objects.csv", tables.OBJECTS)
-    labels = sorted(read_json(Path(cfg.export) / "label_spec.json", "label spec"))
+    images = tables.read_table(Path(cfg.images) / layout.IMAGES_TABLE, tables.IMAGES).set_index("image_id")
+    objects = tables.read_table(Path(cfg.export) / layout.OBJECTS_TABLE, tables.OBJECTS)
+    labels = sorted(read_json(Path(cfg.export) / layout.LABEL_SPEC_FILE, "label spec"))
     class_id = {label: str(i) for i, label in enumerate(labels)}
     results = mdformat.new_results(
         "ground truth (Animl export)",
@@ -56,7 +53,7 @@ def run(cfg: CctToMdConfig) -> CctToMdResult:
     )
 
     clipped = skipped = n_det = 0
-    image_root = Path(cfg.images) / IMAGES_DIR
+    image_root = Path(cfg.images) / layout.IMAGES_DIR
     for image_id, group in objects.groupby("image_id", sort=True):
         if image_id not in images.index:
             skipped += len(group)  # the download stage reported why
@@ -96,7 +93,7 @@ def run(cfg: CctToMdConfig) -> CctToMdResult:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    mdformat.write_results(out / RESULTS_FILE, results)
+    mdformat.write_results(out / layout.GROUND_TRUTH_FILE, results)
     report.counts = {
         "images": len(results["images"]),
         "detections": n_det,

@@ -27,14 +27,9 @@ from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import atomic_path, remove_partial_files
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
-from animl_retrain.formats import mdformat, tables
-from animl_retrain.stages.cct_to_md import RESULTS_FILE
-from animl_retrain.stages.detect import RESULTS_FILE as DETECTIONS_FILE
-from animl_retrain.stages.download import IMAGES_DIR
+from animl_retrain.formats import layout, mdformat, tables
 from animl_retrain.vision.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
 from animl_retrain.vision.preprocessing import cut_square, draft_scale
-
-CROPS_DIR = "crops"
 
 
 class CropConfig(StageConfig):
@@ -225,7 +220,7 @@ def _jobs_from_results(
     elif cfg.box_source == "detector":
         raise PipelineError("crop: box_source 'detector' needs the detect stage's output (--detections)")
     return [
-        (Path(cfg.images) / IMAGES_DIR / file, out_root, dets, cfg.crop_size, cfg.jpeg_quality, cfg.max_pixels)
+        (Path(cfg.images) / layout.IMAGES_DIR / file, out_root, dets, cfg.crop_size, cfg.jpeg_quality, cfg.max_pixels)
         for file, dets in boxes.items()
         if dets
     ]
@@ -235,13 +230,13 @@ def run(cfg: CropConfig) -> CropResult:
     """Crop every box of the results file; write ``crops/``, ``crops.csv`` and the report."""
     report = Report("crop")
     gt = Path(cfg.ground_truth)
-    results = mdformat.read_results(gt / RESULTS_FILE if gt.is_dir() else gt)
+    results = mdformat.read_results(gt / layout.GROUND_TRUTH_FILE if gt.is_dir() else gt)
     detections = None
     if cfg.detections is not None:
         det = Path(cfg.detections)
-        detections = mdformat.read_results(det / DETECTIONS_FILE if det.is_dir() else det)
-    images = tables.read_table(Path(cfg.images) / "images.csv", tables.IMAGES)
-    out_root = Path(cfg.out) / CROPS_DIR
+        detections = mdformat.read_results(det / layout.DETECTIONS_FILE if det.is_dir() else det)
+    images = tables.read_table(Path(cfg.images) / layout.IMAGES_TABLE, tables.IMAGES)
+    out_root = Path(cfg.out) / layout.CROPS_DIR
     out_root.mkdir(parents=True, exist_ok=True)
     report.details["removed_partial_files"] = remove_partial_files(out_root)
     jobs = _jobs_from_results(results, detections, images, cfg, out_root, report)
@@ -256,13 +251,13 @@ def run(cfg: CropConfig) -> CropResult:
         ):
             if error:
                 failed += 1
-                report.problem("unreadable image", str(job[0].relative_to(Path(cfg.images) / IMAGES_DIR)), error)
+                report.problem("unreadable image", str(job[0].relative_to(Path(cfg.images) / layout.IMAGES_DIR)), error)
             rows.extend(crop_rows)
     if not rows:
         raise PipelineError(f"crop: no crop could be made from {len(jobs)} images; see {Path(cfg.out) / 'report.json'}")
 
     crops = pd.DataFrame(rows)
-    tables.write_table(crops, Path(cfg.out) / "crops.csv", tables.CROPS)
+    tables.write_table(crops, Path(cfg.out) / layout.CROPS_TABLE, tables.CROPS)
     per_class = dict(sorted(Counter(crops["label"]).items()))
     report.counts.update(images=len(jobs), crops=len(crops), failed_images=failed)
     report.details["per_box_source"] = dict(sorted(Counter(crops["box_source"]).items()))

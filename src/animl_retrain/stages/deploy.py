@@ -28,14 +28,12 @@ from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json, write_json
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
+from animl_retrain.formats import layout
+from animl_retrain.formats.model_folder import MODEL_FILES, read_labels
 from animl_retrain.integrations.animl import mlmodel
 from animl_retrain.integrations.aws import sagemaker, torchserve
 from animl_retrain.integrations.mlflow import registry
 from animl_retrain.serving.export import DEFAULT_TOLERANCE, export_model_folder, parity_images
-from animl_retrain.serving.http import MODEL_FILES, read_labels
-
-PACKAGE_DIR = "package"
-MLMODEL_FILE = "mlmodel.json"
 
 
 class DeployConfig(StageConfig):
@@ -100,7 +98,7 @@ def _target_version(cfg: DeployConfig):
     mv = registry.resolve_version(cfg.name, cfg.alias, cfg.version)
     if cfg.version or cfg.registration is None:
         return mv, f"version {mv.version} " + ("named explicitly" if cfg.version else f"holds '{cfg.alias}'")
-    ours = str(read_json(Path(cfg.registration) / "registration.json", "registration")["version"])
+    ours = str(read_json(Path(cfg.registration) / layout.REGISTRATION_FILE, "registration")["version"])
     if ours != str(mv.version):
         return None, f"this run's version {ours} does not hold '{cfg.alias}' (version {mv.version} does)"
     return mv, f"this run's version {ours} holds '{cfg.alias}'"
@@ -133,8 +131,8 @@ def _markdown(result: DeployResult) -> str:
 
 def _finish(cfg: DeployConfig, report: Report, result: DeployResult) -> DeployResult:
     out = Path(cfg.out)
-    write_json(out / "deployment.json", result.model_dump())
-    (out / "deployment.md").write_text(_markdown(result))
+    write_json(out / layout.DEPLOYMENT_FILE, result.model_dump())
+    (out / layout.DEPLOYMENT_SUMMARY_FILE).write_text(_markdown(result))
     report.counts = {"deployed": int(result.deployed)}
     report.details.update(result.model_dump(exclude={"plan"}))
     report.finish(out)
@@ -156,20 +154,20 @@ def run(cfg: DeployConfig) -> DeployResult:
     version = str(mv.version)
     model_id = cfg.animl_model_id or sagemaker.sagemaker_name(cfg.name.lower())
 
-    package = out / PACKAGE_DIR
+    package = out / layout.PACKAGE_DIR
     checkpoint = registry.download_checkpoint(cfg.name, version, package / MODEL_FILES["pytorch"])
     parity = export_model_folder(
         checkpoint, package, parity_images(cfg.parity_images, cfg.parity_samples), cfg.parity_tolerance
     )
     mar = torchserve.build_mar(package, out / f"{model_id}.mar", model_id, version)
-    tarball = torchserve.build_model_tar(mar, out / "model.tar.gz")
+    tarball = torchserve.build_model_tar(mar, out / layout.MODEL_TARBALL)
 
     labels = read_labels(package)
     default, per_class, source = mlmodel.read_operating_points(cfg.evaluation, _tags(mv), labels)
     description = cfg.description or f"{cfg.name} version {version}, retrained from validated Animl labels"
     record = mlmodel.record(model_id, f"v{version}", description, labels, default)
-    write_json(out / MLMODEL_FILE, record)
-    write_json(out / "category_config.json", mlmodel.category_config(labels, default, per_class))
+    write_json(out / layout.MLMODEL_FILE, record)
+    write_json(out / layout.CATEGORY_CONFIG_FILE, mlmodel.category_config(labels, default, per_class))
 
     kinds = ["realtime"] + (["batch"] if cfg.batch_parameter else [])
     target = sagemaker.Target.build(
@@ -219,8 +217,8 @@ def run(cfg: DeployConfig) -> DeployResult:
     result.plan = [f"uploaded {tarball.name} and model.onnx to {target.model_data.rsplit('/', 1)[0]}/"]
     result.plan += sagemaker.plan(target, state)
     storage.upload_file(tarball, target.model_data)
-    storage.upload_file(package / MODEL_FILES["onnx"], target.model_data.replace("model.tar.gz", "model.onnx"))
-    storage.upload_file(out / MLMODEL_FILE, target.model_data.replace("model.tar.gz", MLMODEL_FILE))
+    storage.upload_file(package / MODEL_FILES["onnx"], target.model_data.replace(layout.MODEL_TARBALL, "model.onnx"))
+    storage.upload_file(out / layout.MLMODEL_FILE, target.model_data.replace(layout.MODEL_TARBALL, layout.MLMODEL_FILE))
     try:
         applied = sagemaker.apply(sm, ssm, target, state, cfg.wait_minutes * 60)
     except PipelineError:

@@ -35,13 +35,9 @@ from animl_retrain.core.checks import safe_filename, safe_relpath
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
-from animl_retrain.formats import mdformat, tables
-from animl_retrain.stages.cct_to_md import RESULTS_FILE as GROUND_TRUTH_FILE
-from animl_retrain.stages.download import IMAGES_DIR
+from animl_retrain.formats import layout, mdformat, tables
 from animl_retrain.vision.images import DEFAULT_MAX_PIXELS
 
-RESULTS_FILE = "detections.json"
-CHECKPOINT_DIR = "checkpoint"
 # Half precision is kept only if, on the first batch, every fp32 detection at or above the threshold has an
 # fp16 twin of the same category within these bounds (measured on CPU with the test detector: see bench/).
 FP16_MAX_CONF_DIFF = 0.02
@@ -191,9 +187,9 @@ def run(cfg: DetectConfig) -> DetectResult:
     report = Report("detect")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    images = tables.read_table(Path(cfg.images) / "images.csv", tables.IMAGES)
+    images = tables.read_table(Path(cfg.images) / layout.IMAGES_TABLE, tables.IMAGES)
     gt = Path(cfg.ground_truth)
-    ground_truth = mdformat.read_results(gt / GROUND_TRUTH_FILE if gt.is_dir() else gt)
+    ground_truth = mdformat.read_results(gt / layout.GROUND_TRUTH_FILE if gt.is_dir() else gt)
     chosen = select_images(images, ground_truth, cfg.select)
     files = [safe_relpath(f, "file") for f in chosen["file"]]
     report.counts["selected"] = len(files)
@@ -201,7 +197,7 @@ def run(cfg: DetectConfig) -> DetectResult:
 
     if not cfg.weights:
         results = mdformat.new_results("none: no detector weights given")
-        mdformat.write_results(out / RESULTS_FILE, results)
+        mdformat.write_results(out / layout.DETECTIONS_FILE, results)
         report.details["skipped"] = "no detector weights given: the crop stage uses ground-truth boxes only"
         report.finish(out)
         log.info("detect: skipped (no weights); %d images would have been selected", len(files))
@@ -219,7 +215,7 @@ def run(cfg: DetectConfig) -> DetectResult:
         if not weights.is_file():
             raise PipelineError(f"detect: weights not found: {cfg.weights}")
         settings = checkpoint_settings(weights, cfg)
-        where = cfg.checkpoint.rstrip("/") or str(out / CHECKPOINT_DIR)
+        where = cfg.checkpoint.rstrip("/") or str(out / layout.DETECT_CHECKPOINT_DIR)
         checkpoint = Checkpoint(f"{where}/{safe_filename(cfg.run_id)}" if cfg.run_id else where)
         done = checkpoint.load(settings)
         todo = [f for f in files if f not in done]
@@ -238,7 +234,7 @@ def run(cfg: DetectConfig) -> DetectResult:
         detection_settings={**settings, "select": cfg.select, **engine_info},
     )
     results["images"] = [done[f] for f in files if f in done]
-    mdformat.write_results(out / RESULTS_FILE, results)
+    mdformat.write_results(out / layout.DETECTIONS_FILE, results)
     checkpoint.clear()
     result = _result(results, cfg.threshold, processed=len(files) - resumed, resumed=resumed, skipped=False)
     _finish_report(report, result, cfg, engine_info)
@@ -282,7 +278,7 @@ def _detect_files(
     """Run the detector over ``todo``, checkpointing as it goes; return what the engine did."""
     from animl_retrain.modeling import detector
 
-    root = Path(cfg.images) / IMAGES_DIR
+    root = Path(cfg.images) / layout.IMAGES_DIR
     workers = cfg.workers or max(1, min(16, (os.cpu_count() or 2) - 1))
     # Model facts decide the letterbox: peek at the input shape before starting the decoding workers, and start
     # them before the (slow) session is built, so they fork from a process without ONNX Runtime threads.

@@ -30,10 +30,9 @@ from animl_retrain.core.errors import DiskFullError, PipelineError, UnsafePathEr
 from animl_retrain.core.io import atomic_path, remove_partial_files
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
-from animl_retrain.formats import tables
+from animl_retrain.formats import layout, tables
 from animl_retrain.vision.images import DEFAULT_MAX_PIXELS, BadImageError, verify_image
 
-IMAGES_DIR = "images"
 CHUNK = 1 << 20
 
 
@@ -197,13 +196,13 @@ def _fetch_one(
 def run(cfg: DownloadConfig) -> DownloadResult:
     """Download every image with kept objects or marked for detection; write ``images.csv`` and the report."""
     report = Report("download")
-    images = tables.read_table(Path(cfg.export) / "images.csv", tables.IMAGES)
+    images = tables.read_table(Path(cfg.export) / layout.IMAGES_TABLE, tables.IMAGES)
     wanted = images[(images["n_objects"] > 0) | images["needs_detection"]]
     for f, key in zip(wanted["file"], wanted["key"], strict=True):
         safe_relpath(f, "file")  # the export stage checked these; never trust a table blindly
         safe_relpath(key, "image key")  # nor read outside the images prefix or folder
     source = _Source(cfg.images_uri, cfg.workers)
-    dest_root = Path(cfg.out) / IMAGES_DIR
+    dest_root = Path(cfg.out) / layout.IMAGES_DIR
     dest_root.mkdir(parents=True, exist_ok=True)
     report.details["removed_partial_files"] = remove_partial_files(dest_root)
 
@@ -234,7 +233,7 @@ def run(cfg: DownloadConfig) -> DownloadResult:
         "failed": counts["failed"],
         "bytes": total_bytes,
     }
-    tables.write_table(on_disk, Path(cfg.out) / "images.csv", tables.IMAGES)
+    tables.write_table(on_disk, Path(cfg.out) / layout.IMAGES_TABLE, tables.IMAGES)
     report.finish(cfg.out)
 
     if counts["failed"]:

@@ -22,19 +22,14 @@ from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json, write_json
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
-from animl_retrain.formats import tables
+from animl_retrain.formats import layout, tables
 from animl_retrain.integrations.mlflow import tracking
 from animl_retrain.modeling.backbones import load_checkpoint, model_from_checkpoint
 from animl_retrain.modeling.data import CropDataset, decode_crops, make_loader
+from animl_retrain.modeling.inference import pick_device, predict
 from animl_retrain.modeling.metrics import calibration, classification_report, operating_points
-from animl_retrain.stages.crop import CROPS_DIR
-from animl_retrain.stages.split import test_fingerprint
-from animl_retrain.stages.train import CHECKPOINT, pick_device, predict
 
-METRICS_FILE = "metrics.json"
-THRESHOLDS_FILE = "thresholds.json"
 THRESHOLDS_FORMAT = "animl-retrain-thresholds/1"
-REPORT_FILE = "report.html"
 
 
 class EvaluateConfig(StageConfig):
@@ -143,7 +138,7 @@ def invasive_classes(cfg: EvaluateConfig, labels: list[str], report: Report) -> 
     """Classes the export's label spec marks invasive, among the model's labels."""
     if cfg.export is None:
         return []
-    spec = read_json(Path(cfg.export) / "label_spec.json", "label spec of the export stage")
+    spec = read_json(Path(cfg.export) / layout.LABEL_SPEC_FILE, "label spec of the export stage")
     marked = sorted(label for label, entry in spec.items() if isinstance(entry, dict) and entry.get("invasive"))
     for label in sorted(set(marked) - set(labels)):
         report.problem("invasive class not in the model", label, "the split dropped it (too few locations?)")
@@ -188,7 +183,7 @@ def _write_report(cfg, out: Path, result, calib, ops, mistakes, facts) -> None:
     for name, png in figures.items():
         (out / er.PNG_FILES[name]).write_bytes(png)
     page = er.render("Test-set evaluation", result, calib, ops, mistakes, figures, facts)
-    (out / REPORT_FILE).write_text(page)
+    (out / layout.HTML_REPORT_FILE).write_text(page)
 
 
 def _log_to_mlflow(run_id: str, cfg, out: Path, result, calib, ops, thresholds, metrics, summary) -> None:
@@ -218,9 +213,9 @@ def _log_to_mlflow(run_id: str, cfg, out: Path, result, calib, ops, thresholds, 
             }
         )
         mlflow.log_dict(metrics, "evaluation/metrics.json")
-        mlflow.log_dict(thresholds, f"evaluation/{THRESHOLDS_FILE}")
+        mlflow.log_dict(thresholds, f"evaluation/{layout.THRESHOLDS_FILE}")
         mlflow.log_text(summary, "evaluation/summary.md")
-        for name in [REPORT_FILE, *PNG_FILES.values()]:
+        for name in [layout.HTML_REPORT_FILE, *PNG_FILES.values()]:
             mlflow.log_artifact(str(out / name), "evaluation")
 
 
@@ -229,9 +224,9 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     from animl_retrain.modeling.report import worst_mistakes
 
     report = Report("evaluate")
-    ckpt = load_checkpoint(Path(cfg.model) / CHECKPOINT)
+    ckpt = load_checkpoint(Path(cfg.model) / layout.MODEL_FILE)
     model, preprocessing, labels = model_from_checkpoint(ckpt)
-    split = tables.read_table(Path(cfg.split) / "split.csv", tables.SPLIT)
+    split = tables.read_table(Path(cfg.split) / layout.SPLIT_TABLE, tables.SPLIT)
     test = split[split["split"] == "test"].reset_index(drop=True)
     if test.empty:
         raise PipelineError("evaluate: the test split is empty; check the split stage's report")
@@ -239,7 +234,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     if unknown:
         raise PipelineError(f"evaluate: test labels {unknown} are not in the model's label index {labels}")
     invasive = invasive_classes(cfg, labels, report)
-    crops_root = Path(cfg.crops) / CROPS_DIR
+    crops_root = Path(cfg.crops) / layout.CROPS_DIR
 
     probs, targets = _predict_test(cfg, test, crops_root, model, preprocessing, labels)
     result = classification_report(targets, probs, labels, cfg.top_k)
@@ -254,7 +249,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
                 label,
                 f"best precision {p['precision']:.3f} < {cfg.target_precision} on {p['support']} test crops",
             )
-    fingerprint = test_fingerprint(split)
+    fingerprint = tables.test_fingerprint(split)
     tracking.check_server()
     champion = (
         _score_champion(cfg.registered_name, test, crops_root, labels, cfg.top_k) if cfg.registered_name else None
@@ -272,16 +267,16 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
         "champion": champion,
         "top_k": cfg.top_k,
     }
-    write_json(out / METRICS_FILE, metrics)
-    write_json(out / THRESHOLDS_FILE, thresholds)
-    pd.DataFrame(result["confusion_matrix"], index=labels, columns=labels).to_csv(out / "confusion_matrix.csv")
+    write_json(out / layout.METRICS_FILE, metrics)
+    write_json(out / layout.THRESHOLDS_FILE, thresholds)
+    pd.DataFrame(result["confusion_matrix"], index=labels, columns=labels).to_csv(out / layout.CONFUSION_FILE)
     summary = _markdown(result, champion, fingerprint, cfg.top_k, calib, ops)
-    (out / "summary.md").write_text(summary)
+    (out / layout.SUMMARY_FILE).write_text(summary)
     mistakes = worst_mistakes([crops_root / c for c in test["crop"]], targets, probs, labels, cfg.gallery)
     facts = {"model": ckpt["arch"], "input": f"{preprocessing.image_size} px", "test set": fingerprint}
     _write_report(cfg, out, result, calib, ops, mistakes, facts)
 
-    run_id = read_json(Path(cfg.model) / tracking.RUN_FILE, "MLflow run record")["run_id"]
+    run_id = read_json(Path(cfg.model) / layout.MLFLOW_RUN_FILE, "MLflow run record")["run_id"]
     _log_to_mlflow(run_id, cfg, out, result, calib, ops, thresholds, metrics, summary)
 
     report.counts = {"test_crops": len(test), "invasive_classes": len(invasive)}

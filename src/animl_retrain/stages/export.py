@@ -29,12 +29,11 @@ from animl_retrain.core.errors import PipelineError, UnsafePathError
 from animl_retrain.core.io import write_json
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
-from animl_retrain.formats import cct, mdformat, tables
+from animl_retrain.formats import cct, layout, mdformat, tables
 from animl_retrain.formats.labelspec import EMPTY, OTHER, load_label_spec, normalise_name
 from animl_retrain.integrations.animl import client as animl_api
 from animl_retrain.integrations.mlflow import tracking
 
-EXPORT_FILE = "export.json"
 TRAIN, SKIP = "train", "skip"
 
 
@@ -164,12 +163,12 @@ def run(cfg: ExportConfig) -> ExportResult:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / EXPORT_FILE).write_bytes(raw)
-    tables.write_table(images_df, out / "images.csv", tables.IMAGES)
-    tables.write_table(objects_df, out / "objects.csv", tables.OBJECTS)
+    (out / layout.EXPORT_FILE).write_bytes(raw)
+    tables.write_table(images_df, out / layout.IMAGES_TABLE, tables.IMAGES)
+    tables.write_table(objects_df, out / layout.OBJECTS_TABLE, tables.OBJECTS)
     labels = [*spec.labels, OTHER] if cfg.unmapped == "other" else spec.labels
     write_json(
-        out / "label_spec.json",
+        out / layout.LABEL_SPEC_FILE,
         {**spec.to_json(), **({OTHER: {"dataset_labels": {}}} if OTHER in labels else {})},
     )
 
@@ -224,7 +223,7 @@ def run(cfg: ExportConfig) -> ExportResult:
             else {}
         ),
     )
-    (out / "summary.md").write_text(_summary(cfg, result))
+    (out / layout.SUMMARY_FILE).write_text(_summary(cfg, result))
     log.info("export: %s (%s)", decision, reason)
     return result
 

@@ -22,9 +22,8 @@ from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json, write_json
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
+from animl_retrain.formats import layout
 from animl_retrain.integrations.mlflow import tracking
-from animl_retrain.stages.evaluate import METRICS_FILE, THRESHOLDS_FILE
-from animl_retrain.stages.train import CHECKPOINT
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 COMPARED_TAG, DECISION_TAG = "champion_compared", "promotion"  # what this version was compared with, and the verdict
@@ -138,17 +137,17 @@ def run(cfg: RegisterConfig) -> RegisterResult:
     from animl_retrain.integrations.mlflow.pyfunc import log_model
 
     report = Report("register")
-    evaluation = read_json(Path(cfg.evaluation) / METRICS_FILE, "evaluation metrics")
+    evaluation = read_json(Path(cfg.evaluation) / layout.METRICS_FILE, "evaluation metrics")
     macro_f1 = (evaluation.get("model") or {}).get("macro_f1")
     if evaluation.get("status") != "complete" or not isinstance(macro_f1, float) or not math.isfinite(macro_f1):
         raise PipelineError(
             "register: the evaluation did not complete; nothing is registered and champion is untouched"
         )
-    run_id = read_json(Path(cfg.model) / tracking.RUN_FILE, "MLflow run record")["run_id"]
-    export_report = read_json(Path(cfg.export) / "report.json", "export report")
-    label_index = read_json(Path(cfg.model) / "label_index.json", "label index")
-    preprocessing = read_json(Path(cfg.model) / "preprocessing.json", "preprocessing")
-    thresholds_file = Path(cfg.evaluation) / THRESHOLDS_FILE
+    run_id = read_json(Path(cfg.model) / layout.MLFLOW_RUN_FILE, "MLflow run record")["run_id"]
+    export_report = read_json(Path(cfg.export) / layout.STAGE_REPORT_FILE, "export report")
+    label_index = read_json(Path(cfg.model) / layout.LABEL_INDEX_FILE, "label index")
+    preprocessing = read_json(Path(cfg.model) / layout.PREPROCESSING_FILE, "preprocessing")
+    thresholds_file = Path(cfg.evaluation) / layout.THRESHOLDS_FILE
     thresholds = read_json(thresholds_file, "thresholds") if thresholds_file.is_file() else None
     tracking.check_server()
 
@@ -169,11 +168,11 @@ def run(cfg: RegisterConfig) -> RegisterResult:
         tags |= {
             "invasive_thresholds": json.dumps(thresholds["thresholds"]),
             "target_precision": str(thresholds["target_precision"]),
-            "thresholds_artifact": f"runs:/{run_id}/evaluation/{THRESHOLDS_FILE}",
+            "thresholds_artifact": f"runs:/{run_id}/evaluation/{layout.THRESHOLDS_FILE}",
         }
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags({k: v for k, v in tags.items() if k not in ("label_index", "preprocessing")})
-        info = log_model(Path(cfg.model) / CHECKPOINT)
+        info = log_model(Path(cfg.model) / layout.MODEL_FILE)
     client = mlflow.MlflowClient()
     version = mlflow.register_model(info.model_uri, cfg.name, tags=tags)
     client.set_registered_model_alias(cfg.name, CHALLENGER, version.version)
@@ -193,8 +192,8 @@ def run(cfg: RegisterConfig) -> RegisterResult:
         name=cfg.name, version=str(version.version), aliases=aliases, promoted=promoted, reason=reason
     )
     model_uri = f"models:/{cfg.name}/{version.version}"
-    write_json(Path(cfg.out) / "registration.json", result.model_dump() | {"model_uri": model_uri})
-    (Path(cfg.out) / "registration.md").write_text(
+    write_json(Path(cfg.out) / layout.REGISTRATION_FILE, result.model_dump() | {"model_uri": model_uri})
+    (Path(cfg.out) / layout.REGISTRATION_SUMMARY_FILE).write_text(
         f"# Registered `{cfg.name}` version {version.version}\n\nAliases: {', '.join(aliases)}. {reason}.\n\n"
         f'Load it with `mlflow.pyfunc.load_model("models:/{cfg.name}@{aliases[-1]}")`.\n'
     )

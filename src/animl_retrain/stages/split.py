@@ -15,7 +15,6 @@ champion are scored on the same test images. ``new_test_set`` draws a new one an
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import write_json
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
-from animl_retrain.formats import tables
+from animl_retrain.formats import layout, tables
 
 SPLITS = ("train", "val", "test")
 MISSING_PENALTY = 1000.0
@@ -172,17 +171,10 @@ def _choose(counts: np.ndarray, locations: list[str], cfg: SplitConfig, report: 
     return search_with_fixed_test(counts, fixed, cfg)
 
 
-def test_fingerprint(split: pd.DataFrame) -> str:
-    """Identifies the exact test set: models are only compared on equal fingerprints."""
-    test = split[split["split"] == "test"].sort_values("annotation_id")
-    text = "\n".join(test["annotation_id"] + "\t" + test["label"])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def run(cfg: SplitConfig) -> SplitResult:
     """Choose the split; write ``split.csv``, ``label_index.json`` and the report."""
     report = Report("split")
-    crops = tables.read_table(Path(cfg.crops) / "crops.csv", tables.CROPS)
+    crops = tables.read_table(Path(cfg.crops) / layout.CROPS_TABLE, tables.CROPS)
     locs_per_class = crops.groupby("label")["location"].nunique()
     rare = locs_per_class[locs_per_class < cfg.min_locs]
     for label, n in rare.items():
@@ -204,14 +196,14 @@ def run(cfg: SplitConfig) -> SplitResult:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tables.write_table(crops, out / "split.csv", tables.SPLIT)
-    write_json(out / "label_index.json", {str(i): label for i, label in enumerate(labels)})
+    tables.write_table(crops, out / layout.SPLIT_TABLE, tables.SPLIT)
+    write_json(out / layout.LABEL_INDEX_FILE, {str(i): label for i, label in enumerate(labels)})
     per_split = {
         s: crops[crops["split"] == s]["label"].value_counts().reindex(labels, fill_value=0).astype(int).to_dict()
         for s in SPLITS
     }
     loc_counts = {s: sum(1 for v in split_of.values() if v == s) for s in SPLITS}
-    fingerprint = test_fingerprint(crops)
+    fingerprint = tables.test_fingerprint(crops)
     if cfg.frozen_test_uri and not frozen:
         write_frozen_test(cfg.frozen_test_uri, [loc for loc, sp in split_of.items() if sp == "test"], fingerprint, cfg)
         frozen = "written"

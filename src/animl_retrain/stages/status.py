@@ -23,9 +23,9 @@ from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import write_json
 from animl_retrain.core.logging import log, redact_url
 from animl_retrain.core.report import Report
+from animl_retrain.formats import layout
 from animl_retrain.integrations.mlflow import tracking
 
-STATUS_FILE = "status.json"
 SUCCEEDED = "SUCCEEDED"
 
 
@@ -94,7 +94,7 @@ def run(cfg: StatusConfig) -> StatusResult:
     if result.mlflow.startswith("not recorded"):
         report.problem("mlflow", redact_url(uri) or "MLFLOW_TRACKING_URI", result.mlflow)
     write_json(
-        Path(cfg.out) / STATUS_FILE,
+        Path(cfg.out) / layout.STATUS_FILE,
         result.model_dump()
         | {
             "error_code": cfg.error_code,

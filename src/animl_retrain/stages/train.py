@@ -30,16 +30,15 @@ from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json, write_json
 from animl_retrain.core.logging import log, redact_url
 from animl_retrain.core.report import Report
-from animl_retrain.formats import tables
+from animl_retrain.formats import layout, tables
 from animl_retrain.integrations.mlflow import tracking
 from animl_retrain.modeling import checkpoint as resume
 from animl_retrain.modeling.backbones import ARCHITECTURES, build_model, pretrained_normalisation, save_checkpoint
 from animl_retrain.modeling.data import CropDataset, EpochSampler, decode_crops, make_loader
+from animl_retrain.modeling.inference import pick_device, predict
 from animl_retrain.modeling.metrics import classification_report
-from animl_retrain.stages.crop import CROPS_DIR
 from animl_retrain.vision.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
-CHECKPOINT = "model.pt"
 MONITOR_METRICS = ("val_macro_f1", "val_top1", "val_loss")
 
 
@@ -146,15 +145,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str):
-    """Resolve 'auto' to CUDA when present."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_preprocessing(cfg: TrainConfig) -> Preprocessing:
     """Input size and normalisation for this backbone and setting; stored with the model."""
     if cfg.normalisation == "none":
@@ -167,14 +157,14 @@ def build_preprocessing(cfg: TrainConfig) -> Preprocessing:
 
 def build_datasets(cfg: TrainConfig, labels: list[str], preprocessing: Preprocessing, work: Path):
     """Decoded train and val datasets with their transforms, and the fingerprint of what they hold."""
-    split = tables.read_table(Path(cfg.split) / "split.csv", tables.SPLIT)
+    split = tables.read_table(Path(cfg.split) / layout.SPLIT_TABLE, tables.SPLIT)
     index = {label: i for i, label in enumerate(labels)}
     out, keys = {}, {}
     for name in ("train", "val"):
         rows = split[split["split"] == name]
         if rows.empty:
             raise PipelineError(f"train: the {name} split is empty; check the split stage's report")
-        paths = [Path(cfg.crops) / CROPS_DIR / c for c in rows["crop"]]
+        paths = [Path(cfg.crops) / layout.CROPS_DIR / c for c in rows["crop"]]
         array = decode_crops(paths, preprocessing.image_size, work / f"{name}.npy", workers=cfg.workers)
         transform = (
             preprocessing.train_transform(cfg.augmentation) if name == "train" else preprocessing.eval_transform()
@@ -274,23 +264,6 @@ def train_one_epoch(parts: Parts, loader, preprocessing, device, progress: Progr
         progress.loss_sum += value * len(y)
         progress.seen += len(y)
         on_step()
-
-
-def predict(model, loader, preprocessing, device) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and targets for every item of ``loader``."""
-    import torch
-
-    model.eval()
-    probs, targets = [], []
-    with (
-        torch.inference_mode(),
-        torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
-    ):
-        for x, y in loader:
-            logits = model(preprocessing.normalise(x.to(device, non_blocking=True)))
-            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-            targets.append(y.numpy())
-    return np.concatenate(probs), np.concatenate(targets)
 
 
 def evaluate(model, loader, preprocessing, device, labels: list[str]) -> dict[str, float]:
@@ -467,7 +440,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     seed_everything(cfg.seed)
     torch.set_num_threads(os.cpu_count() or 1)
     device = pick_device(cfg.device)
-    index = read_json(Path(cfg.split) / "label_index.json", "label index")
+    index = read_json(Path(cfg.split) / layout.LABEL_INDEX_FILE, "label index")
     labels = [index[str(i)] for i in range(len(index))]
     preprocessing = build_preprocessing(cfg)
     location = resume.run_location(cfg.checkpoint_uri, cfg.kfp_run_id)
@@ -584,7 +557,7 @@ def _write_outputs(cfg, model, labels, index, preprocessing, progress: Progress,
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
-        out / CHECKPOINT,
+        out / layout.MODEL_FILE,
         model,
         cfg.arch,
         labels,
@@ -593,6 +566,6 @@ def _write_outputs(cfg, model, labels, index, preprocessing, progress: Progress,
         config=cfg.model_dump(mode="json"),
         metrics=progress.best_metrics,
     )
-    write_json(out / "label_index.json", index)
-    write_json(out / "preprocessing.json", preprocessing.to_json())
-    write_json(out / tracking.RUN_FILE, {"run_id": run_id, "experiment": cfg.experiment})
+    write_json(out / layout.LABEL_INDEX_FILE, index)
+    write_json(out / layout.PREPROCESSING_FILE, preprocessing.to_json())
+    write_json(out / layout.MLFLOW_RUN_FILE, {"run_id": run_id, "experiment": cfg.experiment})

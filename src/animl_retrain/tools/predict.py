@@ -22,7 +22,7 @@ from animl_retrain.core.errors import PipelineError, UnsafePathError
 from animl_retrain.core.io import read_json
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
-from animl_retrain.formats import mdformat
+from animl_retrain.formats import mdformat, model_folder
 from animl_retrain.serving.http import load_classifier
 from animl_retrain.vision.images import BadImageError, open_image
 from animl_retrain.vision.preprocessing import draft_scale
@@ -123,10 +123,10 @@ def run(cfg: PredictConfig) -> PredictResult:
     results["classification_categories"] = {str(i): label for i, label in enumerate(labels)}
     results["info"]["classifier"] = str(Path(cfg.model).name)
     results["info"]["classification_completion_time"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-    model_info = Path(cfg.model) / "model.json"
+    model_info = Path(cfg.model) / model_folder.INFO_FILE
     metadata = {"backend": cfg.backend, "detection_threshold": cfg.detection_threshold}
     if model_info.is_file():
-        info = read_json(model_info, "model.json")
+        info = read_json(model_info, model_folder.INFO_FILE)
         metadata.update(name=info.get("name"), version=info.get("version"))
         results["info"]["classifier"] = f"{info.get('name')} v{info.get('version')}"
     results["info"]["classifier_metadata"] = metadata

@@ -27,7 +27,7 @@ from pathlib import Path
 import animl_retrain
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import atomic_path
-from animl_retrain.serving.http import LABELS_FILE, MODEL_FILES, PREPROCESSING_FILE
+from animl_retrain.formats.model_folder import LABELS_FILE, MODEL_FILES, PREPROCESSING_FILE
 
 ARCHIVER_VERSION = "0.12.0"
 HANDLER_FILE = "animl_handler.py"
@@ -37,6 +37,8 @@ SHIPPED_MODULES = (
     "__init__.py",
     "core/__init__.py",
     "core/errors.py",
+    "formats/__init__.py",
+    "formats/model_folder.py",
     "vision/__init__.py",
     "vision/images.py",
     "vision/preprocessing.py",

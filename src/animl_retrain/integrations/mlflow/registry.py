@@ -15,9 +15,9 @@ from typing import Any
 
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import write_json
+from animl_retrain.formats.model_folder import INFO_FILE, LABEL_INDEX_FILE, MODEL_FILES, PREPROCESSING_FILE
 from animl_retrain.integrations.mlflow import tracking
 from animl_retrain.modeling.backbones import load_checkpoint
-from animl_retrain.serving.http import MODEL_FILES, PREPROCESSING_FILE
 
 
 def resolve_version(name: str, alias: str = "", version: str = ""):
@@ -81,7 +81,7 @@ def pull(name: str, out: Path, alias: str = "champion", version: str = "") -> di
     tagged = mv.tags.get("label_index")
     if tagged and [json.loads(tagged)[str(i)] for i in range(len(labels))] != labels:
         raise PipelineError(f"models:/{name}/{mv.version}: the label_index tag disagrees with the checkpoint")
-    write_json(out / "label_index.json", {str(i): label for i, label in enumerate(labels)})
+    write_json(out / LABEL_INDEX_FILE, {str(i): label for i, label in enumerate(labels)})
     write_json(out / PREPROCESSING_FILE, ckpt["preprocessing"])
     info = {
         "name": name,
@@ -93,5 +93,5 @@ def pull(name: str, out: Path, alias: str = "champion", version: str = "") -> di
         "labels": labels,
         "tags": dict(mv.tags),
     }
-    write_json(out / "model.json", info)
+    write_json(out / INFO_FILE, info)
     return info
