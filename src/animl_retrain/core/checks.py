@@ -1,12 +1,27 @@
-"""Checks on values that come from outside: paths that must stay in their folder, names safe as file names."""
+"""Checks on values that come from outside: finite numbers, paths that must stay in their folder, safe names."""
 
 from __future__ import annotations
 
+import math
 import re
 
 from animl_retrain.core.errors import UnsafePathError
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def finite_number(value: object) -> bool:
+    """Whether ``value`` is an int or float (not a bool) with a finite value, as JSON input must be to be used.
+
+    NaN and infinities fail, and so does an integer too large for a float (``10**400``), which would overflow
+    every computation it reaches.
+    """
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def safe_relpath(name: object, what: str = "path") -> str:

@@ -8,10 +8,10 @@ dangling references, boxes of no size) stop the run with every error listed; rec
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from animl_retrain.core.checks import finite_number
 from animl_retrain.core.errors import PipelineError
 
 MAX_ERRORS_SHOWN = 15
@@ -44,15 +44,6 @@ class _Errors:
         more = len(self.items) - MAX_ERRORS_SHOWN
         tail = f"\n  ... and {more} more" if more > 0 else ""
         raise PipelineError(f"{self.where}: {len(self.items)} structural error(s):\n  {shown}{tail}")
-
-
-def _is_number(v: object) -> bool:
-    if not isinstance(v, int | float) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an integer too large for a float
-        return False
 
 
 def _record_name(kind: str, index: int, record: object) -> str:
@@ -152,7 +143,7 @@ def parse(data: dict[str, Any], where: str) -> Export:
         if not isinstance(cat_id, int) or isinstance(cat_id, bool) or cat_id not in categories:
             errors.add(f"{name}: category_id {cat_id!r} is not in categories")
         bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(finite_number(v) for v in bbox):
             errors.add(f"{name}: 'bbox' must be [x, y, width, height] of finite numbers, got {bbox!r:.80}")
         elif bbox[2] <= 0 or bbox[3] <= 0:
             errors.add(f"{name}: bbox {bbox} has negative or zero size")

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from animl_retrain.core.checks import finite_number
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json, write_json
 
@@ -59,22 +60,13 @@ def normalise_box(x: float, y: float, w: float, h: float, width: int, height: in
     return box, clipped
 
 
-def _finite(v: object) -> bool:
-    if not isinstance(v, int | float) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
 def box_problem(bbox: object) -> str | None:
     """Why a normalised ``[x, y, w, h]`` box cannot be cropped, or None when it can.
 
     Unusable: not four finite numbers, no area, or wholly outside the frame. A box partly outside the frame is
     usable: the crop is zero-padded there.
     """
-    if not isinstance(bbox, list | tuple) or len(bbox) != 4 or not all(_finite(v) for v in bbox):
+    if not isinstance(bbox, list | tuple) or len(bbox) != 4 or not all(finite_number(v) for v in bbox):
         return f"bbox {bbox!r:.80} is not four finite numbers"
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:
@@ -120,4 +112,5 @@ def read_results(path: Path) -> dict[str, Any]:
 
 
 def _is_number(v: object) -> bool:
+    """A JSON number, finite or not: results files may carry NaN boxes, which crop reports as unusable."""
     return isinstance(v, int | float) and not isinstance(v, bool)

@@ -23,13 +23,13 @@ import email.parser
 import email.policy
 import json
 import logging
-import math
 import threading
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from animl_retrain.core.checks import finite_number
 from animl_retrain.formats.model_folder import BACKENDS, MODEL_FILES, PREPROCESSING_FILE, read_labels
 from animl_retrain.modeling.inference import Classifier, animl_bbox_to_md
 from animl_retrain.vision.images import BadImageError
@@ -51,15 +51,6 @@ class BadRequest(Exception):
         self.status = status
 
 
-def _finite_number(v: Any) -> bool:
-    if not isinstance(v, int | float) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
 def parse_bbox(value: Any) -> tuple[float, float, float, float]:
     """Animl's ``[ymin, xmin, ymax, xmax]`` from a list or a string; checked to lie in 0..1 and not be inverted."""
     if value is None:
@@ -72,7 +63,7 @@ def parse_bbox(value: Any) -> tuple[float, float, float, float]:
             raise BadRequest(f"bbox {value!r:.100} is not four numbers [ymin, xmin, ymax, xmax]") from e
     if not isinstance(value, list | tuple) or len(value) != 4:
         raise BadRequest(f"bbox must be four numbers [ymin, xmin, ymax, xmax], got {value!r:.100}")
-    if not all(_finite_number(v) for v in value):
+    if not all(finite_number(v) for v in value):
         raise BadRequest(f"bbox must be four finite numbers, got {value!r:.100}")
     ymin, xmin, ymax, xmax = (float(v) for v in value)
     if not all(0.0 <= v <= 1.0 for v in (ymin, xmin, ymax, xmax)):

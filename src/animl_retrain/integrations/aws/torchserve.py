@@ -36,6 +36,7 @@ HANDLER_FILE = "animl_handler.py"
 SHIPPED_MODULES = (
     "__init__.py",
     "core/__init__.py",
+    "core/checks.py",
     "core/errors.py",
     "formats/__init__.py",
     "formats/model_folder.py",
