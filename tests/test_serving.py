@@ -77,7 +77,7 @@ def test_requests_in_every_shape_animl_sends():
         (b'{"image": ""}', "no 'image'"),
         (b'{"image": "not base64!"}', "not valid base64"),
         (b'{"image": 42}', "must be base64 text"),
-        (b"{broken", "not JSON"),
+        (b"{broken", "not valid JSON"),
         (b"[1, 2]", "JSON object"),
         (b"\xff\xfe", "not UTF-8"),
     ],

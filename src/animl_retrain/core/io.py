@@ -76,17 +76,29 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def read_json(path: Path, what: str | None = None) -> Any:
-    """Read a JSON file, turning a parse error into a message that names the file."""
+def decode_json(raw: bytes | str, where: str) -> Any:
+    """Decode JSON text (bytes must be UTF-8); every way it can be broken is a PipelineError naming ``where``.
+
+    The one JSON error path of the package: files, exports, label specs and serving requests all come through
+    here, so a broken input reads the same wherever it arrives.
+    """
     try:
-        return json.loads(Path(path).read_text())
+        text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
+        return json.loads(text)
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise PipelineError(f"{where} is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise PipelineError(f"{where} is JSON nested too deeply") from e
+
+
+def read_json(path: Path, what: str | None = None) -> Any:
+    """Read a JSON file; a missing or broken one is a PipelineError that names it (``what``, else the path)."""
+    try:
+        raw = Path(path).read_bytes()
     except FileNotFoundError as e:
         raise PipelineError(f"{what or 'file'} not found: {path}") from e
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{what or path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{what or path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise PipelineError(f"{what or path} is not valid JSON: {e}") from e
-    except RecursionError as e:
-        raise PipelineError(f"{what or path} is JSON nested too deeply") from e
+    return decode_json(raw, what or str(path))

@@ -7,12 +7,12 @@ dangling references, boxes of no size) stop the run with every error listed; rec
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from animl_retrain.core.checks import finite_number
 from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import decode_json
 
 MAX_ERRORS_SHOWN = 15
 # Image sides above this are a broken or hostile record (the largest camera-trap frames are ~10,000 px wide).
@@ -53,16 +53,7 @@ def _record_name(kind: str, index: int, record: object) -> str:
 
 def decode(raw: bytes, where: str) -> dict[str, Any]:
     """Decode the export's JSON, with a clear message for broken or absurdly nested files."""
-    try:
-        data = json.loads(raw)
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{where}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-    except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise PipelineError(f"{where}: not valid JSON: {e}") from e
-    except RecursionError as e:
-        raise PipelineError(f"{where}: JSON nested too deeply to be an Animl export") from e
+    data = decode_json(raw, where)
     if not isinstance(data, dict):
         raise PipelineError(f"{where}: top level must be a JSON object, got {type(data).__name__}")
     return data

@@ -16,12 +16,12 @@ exports). ``invasive: true`` marks classes that Animl should flag.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 
 from animl_retrain.core import storage
 from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import decode_json
 
 OTHER = "other"
 EMPTY = "empty"
@@ -106,14 +106,4 @@ def load_label_spec(source: str) -> LabelSpec:
     text = source.strip()
     where = "inline label spec" if text.startswith("{") else f"label spec {source}"
     raw = text if text.startswith("{") else storage.read_bytes(source, max_bytes=MAX_SPEC_BYTES)
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{where}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise PipelineError(f"{where}: not valid JSON: {e}") from e
-    except RecursionError as e:
-        raise PipelineError(f"{where}: JSON nested too deeply to be a label spec") from e
-    return parse_label_spec(data, where)
+    return parse_label_spec(decode_json(raw, where), where)

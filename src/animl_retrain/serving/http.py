@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from animl_retrain.core.checks import finite_number
+from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import decode_json
 from animl_retrain.formats.model_folder import BACKENDS, MODEL_FILES, PREPROCESSING_FILE, read_labels
 from animl_retrain.modeling.inference import Classifier, animl_bbox_to_md
 from animl_retrain.vision.images import BadImageError
@@ -90,20 +92,11 @@ def decode_base64_image(value: Any) -> bytes:
 
 def parse_request(payload: Any) -> tuple[bytes, tuple[float, float, float, float]]:
     """The image bytes and Animl bbox of one request body (JSON bytes/text, or a dict TorchServe already parsed)."""
-    if isinstance(payload, bytes | bytearray):
+    if isinstance(payload, bytes | bytearray | str):
         try:
-            payload = bytes(payload).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadRequest("request body is not UTF-8 JSON") from e
-    if isinstance(payload, str):
-        try:
-            payload = json.loads(payload)
-        except json.JSONDecodeError as e:
-            raise BadRequest(f"request body is not JSON: {e.msg} at column {e.colno}") from e
-        except ValueError as e:  # e.g. an integer of more digits than Python converts
-            raise BadRequest(f"request body is not usable JSON: {e}") from e
-        except RecursionError as e:
-            raise BadRequest("request body is JSON nested too deeply") from e
+            payload = decode_json(payload, "request body")
+        except PipelineError as e:
+            raise BadRequest(str(e)) from e
     if not isinstance(payload, dict):
         raise BadRequest('request body must be a JSON object {"image": ..., "bbox": [ymin, xmin, ymax, xmax]}')
     return decode_base64_image(payload.get("image")), parse_bbox(payload.get("bbox"))

@@ -38,6 +38,8 @@ SHIPPED_MODULES = (
     "core/__init__.py",
     "core/checks.py",
     "core/errors.py",
+    "core/io.py",
+    "core/logging.py",
     "formats/__init__.py",
     "formats/model_folder.py",
     "vision/__init__.py",
