@@ -277,6 +277,7 @@ def test_serving_answers_400_to_every_bad_image():
     import base64
 
     from animl_retrain.serving import http as serving
+    from animl_retrain.serving import request as animl_request
 
     class NoModel:  # parse and decode run before the model: a request that gets this far is a bug
         labels = ("a",)
@@ -292,7 +293,7 @@ def test_serving_answers_400_to_every_bad_image():
         if max_pixels:  # serving uses the default ceiling
             continue
         body = json.dumps({"image": base64.b64encode(data).decode(), "bbox": [0, 0, 1, 1]})
-        with pytest.raises(serving.BadRequest) as e:
+        with pytest.raises(animl_request.BadRequest) as e:
             handler.predict(body)
         assert e.value.status == 400, name
 

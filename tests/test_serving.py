@@ -20,6 +20,7 @@ from animl_retrain.integrations.aws import torchserve as packaging
 from animl_retrain.modeling.inference import Classifier, animl_bbox_to_md
 from animl_retrain.serving import export as model_export
 from animl_retrain.serving import http as serving
+from animl_retrain.serving import request as animl_request
 from tests.conftest import jpeg_bytes
 from tests.serving_support import LABELS, read_torchserve_response, tiny_checkpoint
 
@@ -62,12 +63,12 @@ def post(url: str, body: bytes, content_type: str = "application/json"):
 def test_requests_in_every_shape_animl_sends():
     image = jpeg_bytes()
     for bbox in ([0.1, 0.2, 0.6, 0.7], "[0.1, 0.2, 0.6, 0.7]", "0.1,0.2,0.6,0.7", [0, 0, 1, 1]):
-        data, box = serving.parse_request(request(image, bbox))
+        data, box = animl_request.parse_request(request(image, bbox))
         assert data == image and len(box) == 4
-    assert serving.parse_request(request(image, None))[1] == serving.FULL_FRAME
-    assert serving.parse_request({"image": base64.b64encode(image).decode()})[1] == serving.FULL_FRAME
+    assert animl_request.parse_request(request(image, None))[1] == animl_request.FULL_FRAME
+    assert animl_request.parse_request({"image": base64.b64encode(image).decode()})[1] == animl_request.FULL_FRAME
     wrapped = base64.encodebytes(image).decode()  # base64 with line breaks, as `base64` on Linux writes it
-    assert serving.parse_request({"image": wrapped, "bbox": BOX})[0] == image
+    assert animl_request.parse_request({"image": wrapped, "bbox": BOX})[0] == image
 
 
 @pytest.mark.parametrize(
@@ -83,8 +84,8 @@ def test_requests_in_every_shape_animl_sends():
     ],
 )
 def test_bad_bodies_are_400(body, message):
-    with pytest.raises(serving.BadRequest, match=message) as e:
-        serving.parse_request(body)
+    with pytest.raises(animl_request.BadRequest, match=message) as e:
+        animl_request.parse_request(body)
     assert e.value.status == 400
 
 
@@ -104,14 +105,14 @@ def test_bad_bodies_are_400(body, message):
     ],
 )
 def test_bad_boxes_are_400(bbox, message):
-    with pytest.raises(serving.BadRequest, match=message) as e:
-        serving.parse_request(request(jpeg_bytes(), bbox))
+    with pytest.raises(animl_request.BadRequest, match=message) as e:
+        animl_request.parse_request(request(jpeg_bytes(), bbox))
     assert e.value.status == 400
 
 
 def test_non_finite_boxes_are_400():
-    with pytest.raises(serving.BadRequest, match="finite"):
-        serving.parse_request(b'{"image": "' + base64.b64encode(jpeg_bytes()) + b'", "bbox": [NaN, 0, 1, 1]}')
+    with pytest.raises(animl_request.BadRequest, match="finite"):
+        animl_request.parse_request(b'{"image": "' + base64.b64encode(jpeg_bytes()) + b'", "bbox": [NaN, 0, 1, 1]}')
 
 
 def test_exports_match_pytorch_on_real_crops(exported):
@@ -158,6 +159,25 @@ def test_memory_efficient_swish_is_switched_off_before_export():
     model = nn.Sequential(LukemelasStyle())
     model_export.prepare_for_export(model)
     assert model[0].memory_efficient is False
+
+
+def test_the_mlflow_model_decodes_rows_as_serving_decodes_requests(exported, photo):
+    """One decoder: wrapped base64 is accepted, and a box outside 0..1 or inverted is refused, as serving refuses it."""
+    import pandas as pd
+
+    from animl_retrain.integrations.mlflow.pyfunc import AnimlClassifierModel
+
+    pyfunc = AnimlClassifierModel()
+    pyfunc.load_context(SimpleNamespace(artifacts={"checkpoint": str(exported.checkpoint)}))
+    wrapped = base64.encodebytes(photo).decode()
+    rows = pd.DataFrame({"image": [photo, wrapped], "bbox": [BOX, BOX]})
+    first, second = pyfunc.predict(None, rows).to_numpy()
+    assert first.tolist() == pytest.approx(second.tolist())
+    for bbox, message in (([0.6, 0.2, 0.1, 0.7], "inverted"), ([0.1, 0.2, 1.5, 0.7], "normalised")):
+        with pytest.raises(animl_request.BadRequest, match=message):
+            pyfunc.predict(None, pd.DataFrame({"image": [photo], "bbox": [bbox]}))
+        with pytest.raises(animl_request.BadRequest, match=message):
+            serving.AnimlHandler(serving.load_classifier(exported.folder, "pytorch")).predict(request(photo, bbox))
 
 
 # The code file of every version registered before the package had layers (MLflow keeps it with the version).

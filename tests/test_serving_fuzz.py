@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from animl_retrain.serving import http as serving
+from animl_retrain.serving import request as animl_request
 from tests.conftest import jpeg_bytes
 from tests.serving_support import LABELS, tiny_checkpoint
 
@@ -68,7 +69,7 @@ def answer(handler, body: bytes) -> int:
     """The status the HTTP front would send for ``body``: 200, or the BadRequest's 4xx."""
     try:
         result = handler.predict(body)
-    except serving.BadRequest as e:
+    except animl_request.BadRequest as e:
         assert 400 <= e.status < 500 and e.message
         return e.status
     assert set(result) == set(LABELS) and abs(sum(result.values()) - 1) < 1e-4
@@ -86,8 +87,8 @@ def test_handler_answers_every_body_with_200_or_a_4xx(handler, body):
 def test_bbox_that_is_not_four_numbers_in_0_1_is_a_400(handler, bbox):
     status = answer(handler, json.dumps({"image": IMAGE_B64, "bbox": bbox}).encode())
     try:
-        valid = serving.parse_bbox(bbox) is not None
-    except serving.BadRequest:
+        valid = animl_request.parse_bbox(bbox) is not None
+    except animl_request.BadRequest:
         valid = False
     assert status == (200 if valid else 400)
 

@@ -17,8 +17,6 @@ when a model loads), because it also ships inside the TorchServe ``.mar``, next 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.parser
 import email.policy
 import json
@@ -29,77 +27,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from animl_retrain.core.checks import finite_number
-from animl_retrain.core.errors import PipelineError
-from animl_retrain.core.io import decode_json
 from animl_retrain.formats.model_folder import BACKENDS, MODEL_FILES, PREPROCESSING_FILE, read_labels
 from animl_retrain.modeling.inference import Classifier, animl_bbox_to_md
+from animl_retrain.serving.request import BadRequest, parse_request
 from animl_retrain.vision.images import BadImageError
 from animl_retrain.vision.preprocessing import Preprocessing
 
 log = logging.getLogger("animl_retrain.serving")
 
-FULL_FRAME = (0.0, 0.0, 1.0, 1.0)
 # Animl resizes originals over 2.8 MB before sending them; base64 adds a third. 16 MiB leaves room for both.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
-
-
-class BadRequest(Exception):
-    """A request the handler refuses: ``status`` is the HTTP status to answer with, ``message`` says why."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
-def parse_bbox(value: Any) -> tuple[float, float, float, float]:
-    """Animl's ``[ymin, xmin, ymax, xmax]`` from a list or a string; checked to lie in 0..1 and not be inverted."""
-    if value is None:
-        return FULL_FRAME
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = json.loads(text) if text.startswith("[") else [float(v) for v in text.split(",")]
-        except (ValueError, RecursionError) as e:
-            raise BadRequest(f"bbox {value!r:.100} is not four numbers [ymin, xmin, ymax, xmax]") from e
-    if not isinstance(value, list | tuple) or len(value) != 4:
-        raise BadRequest(f"bbox must be four numbers [ymin, xmin, ymax, xmax], got {value!r:.100}")
-    if not all(finite_number(v) for v in value):
-        raise BadRequest(f"bbox must be four finite numbers, got {value!r:.100}")
-    ymin, xmin, ymax, xmax = (float(v) for v in value)
-    if not all(0.0 <= v <= 1.0 for v in (ymin, xmin, ymax, xmax)):
-        raise BadRequest(f"bbox {list(value)} is not normalised: every value must lie in 0..1")
-    if ymax <= ymin or xmax <= xmin:
-        raise BadRequest(f"bbox {list(value)} is empty or inverted: need ymin < ymax and xmin < xmax")
-    return ymin, xmin, ymax, xmax
-
-
-def decode_base64_image(value: Any) -> bytes:
-    """The image bytes of the request's ``image`` field (base64 text; line breaks allowed)."""
-    if value is None or value == "":
-        raise BadRequest("request has no 'image': send the full image as base64 text")
-    if not isinstance(value, str):
-        raise BadRequest(f"'image' must be base64 text, got {type(value).__name__}")
-    try:
-        data = base64.b64decode("".join(value.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise BadRequest(f"'image' is not valid base64: {e}") from e
-    if not data:
-        raise BadRequest("'image' decodes to zero bytes")
-    return data
-
-
-def parse_request(payload: Any) -> tuple[bytes, tuple[float, float, float, float]]:
-    """The image bytes and Animl bbox of one request body (JSON bytes/text, or a dict TorchServe already parsed)."""
-    if isinstance(payload, bytes | bytearray | str):
-        try:
-            payload = decode_json(payload, "request body")
-        except PipelineError as e:
-            raise BadRequest(str(e)) from e
-    if not isinstance(payload, dict):
-        raise BadRequest('request body must be a JSON object {"image": ..., "bbox": [ymin, xmin, ymax, xmax]}')
-    return decode_base64_image(payload.get("image")), parse_bbox(payload.get("bbox"))
 
 
 class OnnxRuntimeModel:

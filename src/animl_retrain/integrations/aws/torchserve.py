@@ -31,8 +31,8 @@ from animl_retrain.formats.model_folder import LABELS_FILE, MODEL_FILES, PREPROC
 
 ARCHIVER_VERSION = "0.12.0"
 HANDLER_FILE = "animl_handler.py"
-# Everything serving/http.py needs (package paths under animl_retrain/), and nothing that needs more than numpy,
-# Pillow, torch and torchvision. tests/test_serving.py loads the archive in TorchServe from these files alone.
+# Everything the handler and serving/http.py import (paths under animl_retrain/), and nothing that needs more than
+# numpy, Pillow, torch and torchvision. tests/test_serving.py loads the archive in TorchServe from these alone.
 SHIPPED_MODULES = (
     "__init__.py",
     "core/__init__.py",
@@ -49,6 +49,7 @@ SHIPPED_MODULES = (
     "modeling/inference.py",
     "serving/__init__.py",
     "serving/http.py",
+    "serving/request.py",
 )
 
 

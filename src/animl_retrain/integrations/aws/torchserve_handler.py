@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import os
 
-from animl_retrain.serving.http import AnimlHandler, BadRequest, load_classifier
+from animl_retrain.serving.http import AnimlHandler, load_classifier
+from animl_retrain.serving.request import BadRequest
 
 log = logging.getLogger(__name__)
 _handler: AnimlHandler | None = None

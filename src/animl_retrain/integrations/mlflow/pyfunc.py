@@ -9,32 +9,23 @@ works in a fresh environment with torch, torchvision and pillow.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from pathlib import Path
 
 import mlflow.pyfunc
 import pandas as pd
 
 import animl_retrain
-from animl_retrain.core.errors import PipelineError
+from animl_retrain.serving.request import decode_image, parse_bbox
 
 ARTIFACT_PATH = "model"
 
 
-def _decode_image(value) -> bytes:
-    if isinstance(value, bytes | bytearray):
-        return bytes(value)
-    if isinstance(value, str):
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise PipelineError("image is neither bytes nor valid base64 text") from e
-    raise PipelineError(f"image must be bytes or base64 text, got {type(value).__name__}")
-
-
 class AnimlClassifierModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper around :class:`animl_retrain.modeling.inference.Classifier`."""
+    """pyfunc wrapper around :class:`animl_retrain.modeling.inference.Classifier`.
+
+    Rows are decoded by :mod:`animl_retrain.serving.request`, as serving decodes requests: a bad image or box
+    raises :class:`~animl_retrain.serving.request.BadRequest` (a PipelineError) naming the problem.
+    """
 
     def load_context(self, context):
         """Rebuild the model from the logged checkpoint."""
@@ -46,14 +37,11 @@ class AnimlClassifierModel(mlflow.pyfunc.PythonModel):
         """Probabilities for each row's image and box."""
         from animl_retrain.modeling.inference import animl_bbox_to_md
 
-        images = [_decode_image(v) for v in model_input["image"]]
-        if "bbox" in model_input.columns:
-            boxes = [
-                None if b is None or (isinstance(b, float) and pd.isna(b)) else animl_bbox_to_md(b)
-                for b in model_input["bbox"]
-            ]
-        else:
-            boxes = [None] * len(images)
+        images = [decode_image(v) for v in model_input["image"]]
+        column = model_input["bbox"] if "bbox" in model_input.columns else [None] * len(images)
+        # A missing box (None, or NaN where pandas filled a gap) is the whole frame, as in a request without one.
+        missing = [b is None or (isinstance(b, float) and pd.isna(b)) for b in column]
+        boxes = [animl_bbox_to_md(parse_bbox(None if gone else b)) for b, gone in zip(column, missing, strict=True)]
         probs = self.classifier.classify(images, boxes)
         return pd.DataFrame(probs, columns=self.classifier.labels)
 
