@@ -181,22 +181,53 @@ def to_md_detections(rows: np.ndarray, geom: Letterbox) -> list[dict[str, Any]]:
 # --- the ONNX model -----------------------------------------------------------------------------------------
 
 
+def image_input(model):
+    """The ONNX model's one image input, checked to be float32 ``[batch, 3, height, width]`` (a YOLOv5 export).
+
+    The one reader of a detector's input: the stage asks it for the letterbox shape before the decoding
+    workers start, the loader before it prepends the uint8 input.
+    """
+    from onnx import TensorProto
+
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise PipelineError(f"detector model must have one image input, has {[i.name for i in inputs]}")
+    tensor = inputs[0].type.tensor_type
+    dims = tensor.shape.dim
+    if tensor.elem_type != TensorProto.FLOAT or len(dims) != 4 or dims[1].dim_value not in (0, 3):
+        raise PipelineError(
+            f"detector input {inputs[0].name!r} must be float32 [batch, 3, height, width] (a YOLOv5 ONNX export)"
+        )
+    return inputs[0]
+
+
+def input_shape(model) -> tuple[tuple[int, int] | None, int | None]:
+    """The model's fixed ``(height, width)`` and batch size, where its input declares them (None where dynamic)."""
+    dims = image_input(model).type.tensor_type.shape.dim
+    fixed = (dims[2].dim_value, dims[3].dim_value) if dims[2].dim_value and dims[3].dim_value else None
+    return fixed, dims[0].dim_value or None
+
+
+def read_input_shape(path: Path) -> tuple[tuple[int, int] | None, int | None]:
+    """:func:`input_shape` of an ONNX file, read without its weights' external data."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise PipelineError(f"detector weights {path} are not an ONNX model: {e}") from e
+    return input_shape(model)
+
+
 def _with_uint8_input(model):
     """Prepend NHWC uint8 -> NCHW float 0..1 to an ONNX model whose single input is NCHW float."""
     import onnx
     from onnx import TensorProto, helper
 
     graph = model.graph
-    initializers = {i.name for i in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise PipelineError(f"detector model must have one image input, has {[i.name for i in inputs]}")
-    old = inputs[0]
+    old = image_input(model)
     dims = old.type.tensor_type.shape.dim
-    if old.type.tensor_type.elem_type != TensorProto.FLOAT or len(dims) != 4 or dims[1].dim_value not in (0, 3):
-        raise PipelineError(
-            f"detector input {old.name!r} must be float32 [batch, 3, height, width] (a YOLOv5 ONNX export)"
-        )
 
     def dim(d):
         return d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
@@ -281,24 +312,20 @@ class Detector:
 
     @staticmethod
     def _inspect(model) -> ModelInfo:
-        graph = model.graph
-        initializers = {i.name for i in graph.initializer}
-        inputs = [i for i in graph.input if i.name not in initializers]
-        if not inputs or not graph.output:
-            raise PipelineError("detector model has no input or no output")
-        dims = inputs[0].type.tensor_type.shape.dim
-        out_dims = graph.output[0].type.tensor_type.shape.dim
-        if len(dims) != 4 or len(out_dims) != 3:
+        fixed, fixed_batch = input_shape(model)
+        if not model.graph.output:
+            raise PipelineError("detector model has no output")
+        out_dims = model.graph.output[0].type.tensor_type.shape.dim
+        if len(out_dims) != 3:
             raise PipelineError(
                 f"detector model must map [batch, 3, H, W] to [batch, boxes, 5 + classes] (YOLOv5's layout); "
-                f"it has input rank {len(dims)} and output rank {len(out_dims)}"
+                f"it has output rank {len(out_dims)}"
             )
         _check_output_layout(out_dims[1].dim_value, out_dims[2].dim_value)
-        fixed = (dims[2].dim_value, dims[3].dim_value) if dims[2].dim_value and dims[3].dim_value else None
         return ModelInfo(
             classes=out_dims[2].dim_value - 5 if out_dims[2].dim_value else None,
             fixed_shape=fixed,
-            fixed_batch=dims[0].dim_value or None,
+            fixed_batch=fixed_batch,
             provider="",
             precision="",
         )

@@ -282,7 +282,7 @@ def _detect_files(
     workers = cfg.workers or max(1, min(16, (os.cpu_count() or 2) - 1))
     # Model facts decide the letterbox: peek at the input shape before starting the decoding workers, and start
     # them before the (slow) session is built, so they fork from a process without ONNX Runtime threads.
-    fixed, fixed_batch = _fixed_input(weights)
+    fixed, fixed_batch = detector.read_input_shape(weights)
     batch_size = fixed_batch or cfg.batch_size
     decoded = detector.decoded_images(
         [root / f for f in todo],
@@ -327,23 +327,6 @@ def _detect_files(
         decode_workers=workers,
     )
     return info
-
-
-def _fixed_input(weights: Path) -> tuple[tuple[int, int] | None, int | None]:
-    """The model's fixed (height, width) and batch size, where its ONNX input declares them."""
-    import onnx
-
-    try:
-        model = onnx.load(str(weights), load_external_data=False)
-    except Exception as e:
-        raise PipelineError(f"detect: {weights.name} is not an ONNX model: {e}") from e
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
-    if len(dims) != 4:
-        raise PipelineError(f"detect: {weights.name}: input must be [batch, 3, height, width] (a YOLOv5 export)")
-    fixed = (dims[2].dim_value, dims[3].dim_value) if dims[2].dim_value and dims[3].dim_value else None
-    return fixed, dims[0].dim_value or None
 
 
 def _run_batch(engine, batch, min_conf: float, fixed_batch: int | None) -> list[list[dict]]:
