@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -441,22 +442,29 @@ def test_killed_run_resumes_without_redoing_finished_images(many_images, tmp_pat
     )
 
 
-def test_checkpoint_from_other_settings_is_not_reused(many_images, tmp_path):
+def test_checkpoint_from_other_settings_is_refused_and_kept(many_images, tmp_path):
+    """A restart under other settings stops and names them; the shards stay for a run with the old settings."""
     model = tiny_detector.export(tmp_path / "tiny.onnx")
     ckpt = detect.Checkpoint(str(tmp_path / "ckpt"))
     assert ckpt.load({"model_sha256": "other"}) == {}
     ckpt.save([{"file": "cam/img0000.jpg", "detections": []}])
-    result = detect.run(
-        detect.DetectConfig(
-            images=many_images / "images",
-            ground_truth=many_images / "gt.json",
-            out=tmp_path / "out",
-            weights=str(model),
-            image_size=64,
-            checkpoint=str(tmp_path / "ckpt"),
-            device="cpu",
-        )
+    cfg = detect.DetectConfig(
+        images=many_images / "images",
+        ground_truth=many_images / "gt.json",
+        out=tmp_path / "out",
+        weights=str(model),
+        image_size=64,
+        checkpoint=str(tmp_path / "ckpt"),
+        device="cpu",
     )
+    with pytest.raises(
+        PipelineError, match=r"detect checkpoint at .*ckpt was made with other settings \(.*model_sha256: 'other' ->"
+    ):
+        detect.run(cfg)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["run.json", "shard-000000.json"]
+    assert not (tmp_path / "out" / layout.DETECTIONS_FILE).exists()
+    shutil.rmtree(tmp_path / "ckpt")  # what the message says to do when the old results are not wanted
+    result = detect.run(cfg)
     assert result.resumed == 0 and result.processed == 300
     assert by_id_count(read_json(tmp_path / "out" / layout.DETECTIONS_FILE)) == 300
 

@@ -9,8 +9,8 @@ A checkpoint location (a folder or an ``s3://`` prefix, one per training run) ho
   refused rather than silently mixed);
 - ``progress.json``: epoch and step of the last checkpoint, for people and monitors.
 
-Every file is replaced whole (an atomic rename locally, a single PUT on S3), so a kill while saving leaves the
-previous checkpoint intact.
+The location is a :class:`~animl_retrain.core.resumable.ResumableStore`: every file is replaced whole (an atomic
+rename locally, a single PUT on S3), so a kill while saving leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 from animl_retrain.core import storage
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.logging import log
+from animl_retrain.core.resumable import ResumableStore, check_settings
 
 RESUME_FORMAT = "animl-retrain-resume/1"
 RESUME_FILE, RUN_FILE, PROGRESS_FILE = "resume.pt", "run.json", "progress.json"
@@ -61,36 +62,34 @@ def data_key(labels: list[str], train: list[tuple[str, str]], val: list[tuple[st
 
 
 class ResumeStore:
-    """Reads and writes the checkpoints of one training run at ``uri``."""
+    """Reads and writes the checkpoints of one training run at ``uri`` (a :class:`ResumableStore`)."""
 
     def __init__(self, uri: str):
+        self.store = ResumableStore(uri, "checkpoint")
         self.uri = uri
-
-    def _path(self, name: str) -> str:
-        return storage.join(self.uri, name)
 
     def run_id(self) -> str | None:
         """The MLflow run id recorded by an earlier attempt, if any."""
-        if not storage.exists(self._path(RUN_FILE)):
+        if not self.store.exists(RUN_FILE):
             return None
-        try:
-            return json.loads(storage.read_bytes(self._path(RUN_FILE), max_bytes=1 << 16))["run_id"]
-        except (ValueError, KeyError) as e:
-            raise PipelineError(f"{self._path(RUN_FILE)} is not a run record ({e}); delete it to start afresh") from e
+        record = self.store.read_json(RUN_FILE)
+        if not isinstance(record, dict) or not isinstance(record.get("run_id"), str):
+            raise PipelineError(f"{self.store.path(RUN_FILE)} is not a run record; delete it to start afresh")
+        return record["run_id"]
 
     def write_run_id(self, run_id: str) -> None:
         """Record the MLflow run id."""
-        storage.put_bytes(self._path(RUN_FILE), json.dumps({"run_id": run_id}).encode())
+        self.store.write_json(RUN_FILE, {"run_id": run_id})
 
     def load(self) -> dict[str, Any] | None:
         """The last checkpoint, or None when there is none yet."""
         import torch
 
-        uri = self._path(RESUME_FILE)
-        if not storage.exists(uri):
+        if not self.store.exists(RESUME_FILE):
             return None
+        uri = self.store.path(RESUME_FILE)
         with tempfile.TemporaryDirectory(prefix="animl-resume-") as tmp:
-            local = storage.fetch(uri, Path(tmp) / RESUME_FILE)
+            local = self.store.download(RESUME_FILE, Path(tmp) / RESUME_FILE)
             try:
                 state = torch.load(local, map_location="cpu", weights_only=True)
             except Exception as e:
@@ -106,22 +105,15 @@ class ResumeStore:
         with tempfile.TemporaryDirectory(prefix="animl-resume-") as tmp:
             local = Path(tmp) / RESUME_FILE
             torch.save({"format": RESUME_FORMAT, **state}, local)
-            storage.upload_file(local, self._path(RESUME_FILE))
+            self.store.upload(RESUME_FILE, local)
         progress = {"epoch": state["epoch"], "step": state["step"], "finished": state.get("finished", False)}
-        storage.put_bytes(self._path(PROGRESS_FILE), json.dumps(progress).encode())
+        self.store.write_json(PROGRESS_FILE, progress)
         log.debug("train: checkpoint at epoch %d step %d -> %s", state["epoch"], state["step"], self.uri)
 
 
 def check_compatible(state: dict[str, Any], settings: dict[str, Any], data: str, uri: str) -> None:
     """Refuse to resume a checkpoint made with other settings or other data."""
-    theirs = state["settings"]
-    changed = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != settings.get(k))
-    if changed:
-        diff = ", ".join(f"{k}: {theirs.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-        raise PipelineError(
-            f"the checkpoint at {uri} was made with other settings ({diff}); "
-            "restart with the same settings, or use a new checkpoint location"
-        )
+    check_settings(state["settings"], settings, f"the checkpoint at {uri}")
     if state["data"] != data:
         raise PipelineError(
             f"the checkpoint at {uri} was made from other train/val data (fingerprint {state['data']}, now {data}); "

@@ -11,13 +11,13 @@ or above ``threshold`` (recorded as ``detector_metadata.typical_detection_thresh
 with the image's Animl label; ``person`` and ``vehicle`` detections are counted here and never become crops.
 
 Finished images are checkpointed in shards (atomically, every ``checkpoint_every`` images) under
-``<out>/checkpoint`` or the ``checkpoint`` folder/``s3://`` prefix, so a killed run resumes where it stopped.
+``<out>/checkpoint`` or the ``checkpoint`` folder/``s3://`` prefix, so a killed run resumes where it stopped; a
+restart under other settings (model, input size, ``min_conf``, decoding) is refused and names what changed.
 Without ``weights`` the stage writes an empty results file and the pipeline crops ground-truth boxes only.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -35,6 +35,7 @@ from animl_retrain.core.checks import safe_filename, safe_relpath
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
+from animl_retrain.core.resumable import ResumableStore
 from animl_retrain.formats import layout, mdformat, tables
 from animl_retrain.vision.images import DEFAULT_MAX_PIXELS
 
@@ -110,76 +111,48 @@ def select_images(images: pd.DataFrame, ground_truth: dict[str, Any], select: st
     return labelled[~labelled["file"].isin(located)]
 
 
-class Checkpoint:
-    """Finished images in atomically written shards, in a local folder or under an ``s3://`` prefix.
+SETTINGS_FILE = "run.json"  # in the checkpoint: the settings its shards were made with
 
-    ``run.json`` holds the settings that decide the results (model digest, input size, thresholds): shards
-    written under other settings are discarded rather than mixed in.
+
+class Checkpoint:
+    """Finished images in shards, in a :class:`~animl_retrain.core.resumable.ResumableStore`.
+
+    ``run.json`` holds the settings that decide the results (model digest, input size, thresholds); a restart
+    under other settings is refused, naming them, rather than mixing the shards in or silently discarding them.
     """
 
     def __init__(self, where: str):
-        self.where = where.rstrip("/")
-        self.s3 = storage.is_s3(where)
-        if self.s3:
-            self.bucket, prefix = storage.parse_s3_uri(self.where)
-            self.prefix = prefix + "/" if prefix else ""
-            self.client = storage.s3_client()
-
-    def _names(self) -> list[str]:
-        if not self.s3:
-            folder = Path(self.where)
-            return sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
-        names = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
-            names += [o["Key"][len(self.prefix) :] for o in page.get("Contents", [])]
-        names = [n for n in names if "/" not in n]
-        return sorted(n for n in names if n.endswith(".json"))
-
-    def _read(self, name: str) -> Any:
-        return json.loads(storage.read_bytes(f"{self.where}/{name}"))
-
-    def _write(self, name: str, data: Any) -> None:
-        storage.put_bytes(f"{self.where}/{name}", json.dumps(data).encode())
-
-    def _delete(self, name: str) -> None:
-        if self.s3:
-            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
-        else:
-            Path(self.where, name).unlink(missing_ok=True)
+        self.store = ResumableStore(where, "detect checkpoint")
+        self.where = self.store.uri
+        self.next = 0
 
     def load(self, settings: dict[str, Any]) -> dict[str, dict]:
-        """The finished image entries by file, if the checkpoint was made with ``settings``; else start afresh."""
-        names = self._names()
-        if "run.json" in names and self._read("run.json") == settings:
-            done: dict[str, dict] = {}
-            for name in names:
-                if name.startswith("shard-"):
-                    done.update({e["file"]: e for e in self._read(name)})
-            self.next = 1 + max((int(n[6:-5]) for n in names if n.startswith("shard-")), default=-1)
-            return done
-        if names:
-            log.warning("detect: checkpoint at %s was made with other settings; starting afresh", self.where)
-        self.clear()
-        self._write("run.json", settings)
-        self.next = 0
-        return {}
+        """The finished image entries by file (none for a new checkpoint); other settings are refused."""
+        names = self.store.names()
+        if SETTINGS_FILE not in names:
+            if names:
+                log.warning("detect: %s has shards but no settings record; starting afresh", self.where)
+            self.store.clear()
+            self.store.write_json(SETTINGS_FILE, settings)
+            self.next = 0
+            return {}
+        self.store.check_settings(self.store.read_json(SETTINGS_FILE), settings)
+        shards = [n for n in names if n.startswith("shard-") and n.endswith(".json")]
+        done: dict[str, dict] = {}
+        for name in shards:
+            done.update({e["file"]: e for e in self.store.read_json(name)})
+        self.next = 1 + max((int(n[6:-5]) for n in shards), default=-1)
+        return done
 
     def save(self, entries: list[dict]) -> None:
         """Write one shard of finished image entries."""
         if entries:
-            self._write(f"shard-{self.next:06d}.json", entries)
+            self.store.write_json(f"shard-{self.next:06d}.json", entries)
             self.next += 1
 
     def clear(self) -> None:
-        """Delete every shard and the settings file."""
-        for name in self._names():
-            self._delete(name)
-        folder = Path(self.where)
-        if not self.s3 and folder.is_dir():
-            for stale in folder.glob(".*.part"):
-                stale.unlink(missing_ok=True)  # temporary files of a write that was killed
-            if not any(folder.iterdir()):
-                folder.rmdir()
+        """Delete every shard and the settings record."""
+        self.store.clear()
 
 
 def run(cfg: DetectConfig) -> DetectResult:
