@@ -20,7 +20,7 @@ import pytest
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json, write_json
 from animl_retrain.formats import layout
-from animl_retrain.integrations.mlflow import tracking
+from animl_retrain.integrations.mlflow import registry
 from animl_retrain.stages import evaluate, register, train
 from animl_retrain.tools import services
 
@@ -124,7 +124,7 @@ def test_mlflow_dying_mid_training_fails_clearly_and_a_retry_resumes(own_mlflow,
     assert not (tmp_path / "model" / layout.MODEL_FILE).exists()  # nothing for evaluate/register to pick up
 
     own_mlflow.start()  # back, with the same database
-    assert tracking.champion("faults-model")["version"] == champion
+    assert registry.champion("faults-model").version == champion
     retry = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert retry.returncode == 0, retry.stderr[-3000:]
     result = json.loads(retry.stdout[retry.stdout.index("{\n") :])
@@ -136,7 +136,7 @@ def test_mlflow_dying_mid_training_fails_clearly_and_a_retry_resumes(own_mlflow,
     assert client.get_run(run_id).info.status == "FINISHED"
     for metric in ("train_loss", "val_macro_f1"):  # every epoch's metrics, none lost with the server
         assert sorted(m.step for m in client.get_metric_history(run_id, metric)) == list(range(1, 6))
-    assert tracking.champion("faults-model")["version"] == champion  # training never touches the registry
+    assert registry.champion("faults-model").version == champion  # training never touches the registry
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_concurrent_registrations_leave_champion_on_the_better_model(
     client = mlflow.MlflowClient()
     versions = {label: read_json(tmp_path / label / "registration.json")["version"] for label in procs}
     assert sorted(v.version for v in client.search_model_versions(f"name='{name}'")) == sorted(versions.values())
-    assert tracking.champion(name)["version"] == versions["good"]
+    assert registry.champion(name).version == versions["good"]
     assert client.get_model_version_by_alias(name, "challenger").version in versions.values()
     winners = [label for label in procs if read_json(tmp_path / label / "registration.json")["promoted"]]
     assert winners == ["good"]
@@ -232,17 +232,17 @@ def test_a_lost_race_is_settled_to_the_better_model(model_and_evaluations, stage
     # The worse run read "no champion" before the better one registered, promoted itself and wrote the alias last:
     loser = register.run(register.RegisterConfig(evaluation=worse, out=tmp_path / "worse", **cfg))
     assert not loser.promoted  # run alone, it compares with the champion and loses
-    client.set_model_version_tag(name, loser.version, register.COMPARED_TAG, "none")
-    client.set_model_version_tag(name, loser.version, register.DECISION_TAG, "promoted")
+    client.set_model_version_tag(name, loser.version, registry.COMPARED_TAG, "none")
+    client.set_model_version_tag(name, loser.version, registry.DECISION_TAG, "promoted")
     client.set_registered_model_alias(name, "champion", loser.version)
 
-    assert register.settle(client, name, loser.version, pause=0.05) == better.version
+    assert registry.settle(name, loser.version, pause=0.05) == better.version
     assert client.get_model_version_by_alias(name, "champion").version == better.version
 
     # A champion that left the race group (a person picked another version) is left alone.
-    client.set_model_version_tag(name, loser.version, register.COMPARED_TAG, "7")
+    client.set_model_version_tag(name, loser.version, registry.COMPARED_TAG, "7")
     client.set_registered_model_alias(name, "champion", loser.version)
-    assert register.settle(client, name, better.version, pause=0.05) == loser.version
+    assert registry.settle(name, better.version, pause=0.05) == loser.version
     assert client.get_model_version_by_alias(name, "champion").version == loser.version
 
 

@@ -104,18 +104,6 @@ def _target_version(cfg: DeployConfig):
     return mv, f"this run's version {ours} holds '{cfg.alias}'"
 
 
-def _tags(mv) -> dict[str, str]:
-    """The model version's tags over its training run's (where evaluate records thresholds)."""
-    import mlflow
-
-    try:
-        run_tags = dict(mlflow.get_run(mv.run_id).data.tags) if mv.run_id else {}
-    except Exception as e:  # thresholds are optional; a missing run must not stop a deployment
-        log.warning("deploy: cannot read the tags of run %s: %s", mv.run_id, e)
-        run_tags = {}
-    return run_tags | dict(mv.tags)
-
-
 def _markdown(result: DeployResult) -> str:
     lines = [f"# Deployment of `{result.name}` version {result.version or '-'}", "", result.reason + ".", ""]
     if result.parity_max_abs_diff:
@@ -163,7 +151,7 @@ def run(cfg: DeployConfig) -> DeployResult:
     tarball = torchserve.build_model_tar(mar, out / layout.MODEL_TARBALL)
 
     labels = read_labels(package)
-    default, per_class, source = mlmodel.read_operating_points(cfg.evaluation, _tags(mv), labels)
+    default, per_class, source = mlmodel.read_operating_points(cfg.evaluation, registry.tags_with_run(mv), labels)
     description = cfg.description or f"{cfg.name} version {version}, retrained from validated Animl labels"
     record = mlmodel.record(model_id, f"v{version}", description, labels, default)
     write_json(out / layout.MLMODEL_FILE, record)
@@ -227,19 +215,10 @@ def run(cfg: DeployConfig) -> DeployResult:
         raise PipelineError(f"deploy: SageMaker/SSM refused a change: {e}") from e
     result.deployed = True
     result.reason = f"{reason}; endpoint {target.endpoint} {applied['action']} ({applied['status']})"
-    _tag_version(cfg.name, version, cfg.stage, target)
+    registry.record_deployment(
+        cfg.name,
+        version,
+        cfg.stage,
+        {"endpoint": target.endpoint, "config": target.versioned_name, "model_data": target.model_data},
+    )
     return _finish(cfg, report, result)
-
-
-def _tag_version(name: str, version: str, stage: str, target: sagemaker.Target) -> None:
-    """Record the deployment on the model version: tags and a ``deployed-<stage>`` alias."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    for key, value in {
-        f"deployed_{stage}_endpoint": target.endpoint,
-        f"deployed_{stage}_config": target.versioned_name,
-        f"deployed_{stage}_model_data": target.model_data,
-    }.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, f"deployed-{stage}", version)

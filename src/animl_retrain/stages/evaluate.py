@@ -23,7 +23,7 @@ from animl_retrain.core.io import read_json, write_json
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
 from animl_retrain.formats import layout, tables
-from animl_retrain.integrations.mlflow import tracking
+from animl_retrain.integrations.mlflow import registry, tracking
 from animl_retrain.modeling.backbones import load_checkpoint, model_from_checkpoint
 from animl_retrain.modeling.data import CropDataset, decode_crops, make_loader
 from animl_retrain.modeling.inference import pick_device, predict
@@ -65,15 +65,10 @@ class EvaluateResult(BaseModel):
 
 def _score_champion(name: str, test: pd.DataFrame, crops_root: Path, labels: list[str], k: int) -> dict | None:
     """The champion's metrics on the same test crops, or None when there is no champion yet."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
+    version = registry.champion(name)
+    if version is None:
         return None
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+    model = registry.load_model(name, version.version)
     frame = pd.DataFrame({"image": [(crops_root / c).read_bytes() for c in test["crop"]]})
     probs = model.predict(frame)
     # Score over our labels plus any the champion knows and we do not: predicting those counts as wrong.
@@ -81,7 +76,7 @@ def _score_champion(name: str, test: pd.DataFrame, crops_root: Path, labels: lis
     probs = probs.reindex(columns=scored, fill_value=0.0).to_numpy()
     index = {label: i for i, label in enumerate(scored)}
     report = classification_report(test["label"].map(index).to_numpy(), probs, scored, k)
-    return {"version": str(version.version), "run_id": version.run_id, **report}
+    return {"version": version.version, "run_id": version.run_id, **report}
 
 
 def _markdown(report: dict, champion: dict | None, fingerprint: str, k: int, calib: dict, ops: dict) -> str:
@@ -187,8 +182,6 @@ def _write_report(cfg, out: Path, result, calib, ops, mistakes, facts) -> None:
 
 
 def _log_to_mlflow(run_id: str, cfg, out: Path, result, calib, ops, thresholds, metrics, summary) -> None:
-    import mlflow
-
     from animl_retrain.modeling.report import PNG_FILES
 
     k = cfg.top_k
@@ -203,20 +196,18 @@ def _log_to_mlflow(run_id: str, cfg, out: Path, result, calib, ops, thresholds, 
     values |= {f"test_f1_{label}": m["f1"] for label, m in result["per_class"].items()}
     for label, p in ops["per_class"].items():
         values |= {f"test_threshold_{label}": p["threshold"], f"test_recall_at_target_{label}": p["recall"]}
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({key: v for key, v in values.items() if v is not None and math.isfinite(v)})
-        mlflow.set_tags(
-            {
-                "test_fingerprint": thresholds["test_fingerprint"],
-                "target_precision": str(cfg.target_precision),
-                "invasive_thresholds": json.dumps(thresholds["thresholds"]),
-            }
-        )
-        mlflow.log_dict(metrics, "evaluation/metrics.json")
-        mlflow.log_dict(thresholds, f"evaluation/{layout.THRESHOLDS_FILE}")
-        mlflow.log_text(summary, "evaluation/summary.md")
-        for name in [layout.HTML_REPORT_FILE, *PNG_FILES.values()]:
-            mlflow.log_artifact(str(out / name), "evaluation")
+    tracking.log_to_run(
+        run_id,
+        metrics=values,
+        tags={
+            "test_fingerprint": thresholds["test_fingerprint"],
+            "target_precision": str(cfg.target_precision),
+            "invasive_thresholds": json.dumps(thresholds["thresholds"]),
+        },
+        dicts={"evaluation/metrics.json": metrics, f"evaluation/{layout.THRESHOLDS_FILE}": thresholds},
+        texts={"evaluation/summary.md": summary},
+        artifacts=("evaluation", [out / name for name in [layout.HTML_REPORT_FILE, *PNG_FILES.values()]]),
+    )
 
 
 def run(cfg: EvaluateConfig) -> EvaluateResult:

@@ -32,7 +32,7 @@ from animl_retrain.core.report import Report
 from animl_retrain.formats import cct, layout, mdformat, tables
 from animl_retrain.formats.labelspec import EMPTY, OTHER, load_label_spec, normalise_name
 from animl_retrain.integrations.animl import client as animl_api
-from animl_retrain.integrations.mlflow import tracking
+from animl_retrain.integrations.mlflow import registry
 
 TRAIN, SKIP = "train", "skip"
 
@@ -286,10 +286,10 @@ def decide(cfg: ExportConfig, validated_fp: str, n_validated: int) -> tuple[str,
     """Train or skip: skip only in incremental mode when the champion was trained on the same validated set."""
     if not cfg.incremental:
         return TRAIN, "incremental mode is off"
-    champion = tracking.champion(cfg.model_name)
+    champion = registry.champion(cfg.model_name)
     if champion is None:
         return TRAIN, f"{cfg.model_name!r} has no champion yet"
-    version, tags = champion["version"], champion["tags"]
+    version, tags = champion.version, champion.tags
     theirs = tags.get("validated_fingerprint", "")
     if not theirs:
         return TRAIN, f"champion v{version} has no validated_fingerprint tag to compare with"

@@ -51,28 +51,6 @@ class StatusResult(BaseModel):
     mlflow: str = ""
 
 
-def tag_mlflow_runs(kfp_run_id: str, experiment: str, state: str) -> tuple[list[str], list[str]]:
-    """Tag this Kubeflow run's MLflow runs with its final state; close dangling ones as FAILED.
-
-    Returns the ids of the runs tagged and of those marked FAILED.
-    """
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return [], []
-    runs = client.search_runs([found.experiment_id], filter_string=f"tags.kfp_run_id = '{kfp_run_id}'")
-    tagged, failed = [], []
-    for run in runs:
-        client.set_tag(run.info.run_id, "kfp_status", state)
-        tagged.append(run.info.run_id)
-        if state != SUCCEEDED and run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="FAILED")
-            failed.append(run.info.run_id)
-    return tagged, failed
-
-
 def run(cfg: StatusConfig) -> StatusResult:
     """Write ``status.json`` and tag MLflow; never raise because recording failed."""
     report = Report("status")
@@ -85,7 +63,9 @@ def run(cfg: StatusConfig) -> StatusResult:
     else:
         try:
             tracking.check_server(uri, attempts=3)
-            result.mlflow_runs, result.marked_failed = tag_mlflow_runs(cfg.kfp_run_id, cfg.experiment, cfg.state)
+            result.mlflow_runs, result.marked_failed = tracking.tag_kfp_runs(
+                cfg.kfp_run_id, cfg.experiment, cfg.state, succeeded=cfg.state == SUCCEEDED
+            )
             result.mlflow = f"tagged {len(result.mlflow_runs)} run(s) in experiment {cfg.experiment!r}"
         except (PipelineError, OSError) as e:
             result.mlflow = f"not recorded: {e}"

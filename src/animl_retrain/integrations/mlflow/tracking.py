@@ -1,16 +1,21 @@
-"""MLflow access: the tracking server comes from ``MLFLOW_TRACKING_URI`` (a Secret or ConfigMap on a cluster)."""
+"""MLflow tracking: the server (from ``MLFLOW_TRACKING_URI``: a Secret or ConfigMap on a cluster) and its runs.
+
+The stages never import mlflow themselves: what they log, and how a training run is started, re-opened after a
+preemption and closed, lives here (the registry side is :mod:`animl_retrain.integrations.mlflow.registry`).
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+from typing import Any
 
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.logging import redact_url
-
-RUN_FILE = "mlflow_run.json"
 
 
 def tracking_uri() -> str:
@@ -40,41 +45,49 @@ def check_server(uri: str | None = None, attempts: int = 5, timeout: float = 5.0
     )
 
 
-def champion(model_name: str, alias: str = "champion", timeout: float = 15.0) -> dict | None:
-    """The registry's ``alias`` version of ``model_name`` as ``{"version", "tags"}``, or None if there is none.
+def log_to_run(
+    run_id: str,
+    metrics: dict[str, float | None] | None = None,
+    tags: dict[str, str] | None = None,
+    dicts: dict[str, Any] | None = None,
+    texts: dict[str, str] | None = None,
+    artifacts: tuple[str, list[Path]] | None = None,
+) -> None:
+    """Add to the finished run ``run_id``: finite metrics, tags, JSON and text artifacts, and files in a folder."""
+    import mlflow
 
-    Uses MLflow's REST API (``GET /api/2.0/mlflow/registered-models/alias``) with the standard client
-    environment (``MLFLOW_TRACKING_TOKEN`` or ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``), so light steps can ask
-    without the mlflow package.
+    with mlflow.start_run(run_id=run_id):
+        if metrics:
+            mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and math.isfinite(v)})
+        if tags:
+            mlflow.set_tags(tags)
+        for path, data in (dicts or {}).items():
+            mlflow.log_dict(data, path)
+        for path, text in (texts or {}).items():
+            mlflow.log_text(text, path)
+        if artifacts:
+            folder, files = artifacts
+            for file in files:
+                mlflow.log_artifact(str(file), folder)
+
+
+def tag_kfp_runs(kfp_run_id: str, experiment: str, state: str, succeeded: bool) -> tuple[list[str], list[str]]:
+    """Tag the MLflow runs of one Kubeflow run with its final state; close dangling ones as FAILED.
+
+    Returns the ids of the runs tagged and of those marked FAILED (only when the pipeline did not succeed).
     """
-    import base64
-    import json
-    import urllib.parse
+    import mlflow
 
-    uri = tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        raise PipelineError(f"MLFLOW_TRACKING_URI {redact_url(uri)} is not an http(s) tracking server")
-    query = urllib.parse.urlencode({"name": model_name, "alias": alias})
-    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/registered-models/alias?{query}")
-    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
-    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
-        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
-        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            version = json.loads(resp.read()).get("model_version") or {}
-    except urllib.error.HTTPError as e:
-        body = e.read()[:1000].decode("utf-8", "replace")
-        # No such model: 404 RESOURCE_DOES_NOT_EXIST; no such alias: 400 INVALID_PARAMETER_VALUE "... not found".
-        if e.code == 404 or "RESOURCE_DOES_NOT_EXIST" in body or (e.code == 400 and "not found" in body):
-            return None
-        raise PipelineError(
-            f"MLflow {redact_url(uri)}: cannot read {model_name}@{alias}: HTTP {e.code} {body}"
-        ) from None
-    except (urllib.error.URLError, OSError) as e:
-        raise PipelineError(f"MLflow {redact_url(uri)} is not reachable to read {model_name}@{alias}: {e}") from None
-    if not version:
-        return None
-    tags = {t["key"]: t.get("value", "") for t in version.get("tags") or []}
-    return {"version": str(version.get("version", "")), "tags": tags}
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return [], []
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.kfp_run_id = '{kfp_run_id}'")
+    tagged, failed = [], []
+    for run in runs:
+        client.set_tag(run.info.run_id, "kfp_status", state)
+        tagged.append(run.info.run_id)
+        if not succeeded and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="FAILED")
+            failed.append(run.info.run_id)
+    return tagged, failed
