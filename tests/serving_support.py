@@ -8,7 +8,8 @@ import struct
 import urllib.request
 from pathlib import Path
 
-from animl_retrain.modeling.backbones import build_model, save_checkpoint
+from animl_retrain.modeling.backbones import build_model
+from animl_retrain.modeling.checkpoint import save_checkpoint
 from animl_retrain.vision.preprocessing import Preprocessing
 
 LABELS = ["bird", "fox", "lizard", "rodent", "skunk"]

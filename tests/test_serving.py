@@ -135,7 +135,8 @@ def test_efficientnet_exports_to_onnx(tmp_path, exported):
     """EfficientNet is the family users report ONNX export trouble with; about a minute on 2 cores."""
     import torch
 
-    from animl_retrain.modeling.backbones import build_model, save_checkpoint
+    from animl_retrain.modeling.backbones import build_model
+    from animl_retrain.modeling.checkpoint import save_checkpoint
     from animl_retrain.vision.preprocessing import Preprocessing
 
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json
 from animl_retrain.formats import layout
 from animl_retrain.integrations.mlflow import registry
-from animl_retrain.modeling.backbones import build_model, load_checkpoint
+from animl_retrain.modeling.backbones import build_model
+from animl_retrain.modeling.checkpoint import load_checkpoint
 from animl_retrain.stages import evaluate, export, register, train
 from tests.conftest import SPEC
 

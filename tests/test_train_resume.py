@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from animl_retrain.formats import layout
-from animl_retrain.modeling.backbones import load_checkpoint
+from animl_retrain.modeling.checkpoint import load_checkpoint
 from animl_retrain.stages import train
 
 pytestmark = pytest.mark.server

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from animl_retrain.core.errors import PipelineError
+from animl_retrain.modeling import training
 from animl_retrain.modeling.backbones import build_model, pretrained_normalisation
 from animl_retrain.modeling.data import CropDataset, EpochSampler
 from animl_retrain.stages import train
@@ -52,13 +53,13 @@ def test_epoch_sampler_is_a_function_of_seed_epoch_and_position():
 
 def test_balanced_sampler_evens_out_the_classes():
     targets = np.array([0] * 90 + [1] * 10)
-    sampler = EpochSampler(len(targets), seed=0, weights=train.class_weights(targets, 2)[targets])
+    sampler = EpochSampler(len(targets), seed=0, weights=training.class_weights(targets, 2)[targets])
     drawn = np.concatenate([targets[[i for i, _ in sampler]] for sampler.epoch in range(1, 6)])
     assert abs(drawn.mean() - 0.5) < 0.06
 
 
 def test_class_weights_are_inverse_frequency():
-    w = train.class_weights(np.array([0, 0, 0, 1]), 3)
+    w = training.class_weights(np.array([0, 0, 0, 1]), 3)
     assert w == pytest.approx([4 / 9, 4 / 3, 0.0])
 
 
@@ -75,43 +76,43 @@ def test_seeded_augmentation_is_repeatable_and_leaves_the_global_rng_alone():
 
 
 def test_lr_schedules():
-    assert train.lr_factor(0, 100, 0, "cosine") == 1.0
-    assert train.lr_factor(50, 100, 0, "cosine") == pytest.approx(0.5)
-    assert train.lr_factor(100, 100, 0, "cosine") == pytest.approx(0.0)
-    assert [train.lr_factor(s, 100, 0, "step") for s in (0, 59, 60, 85)] == pytest.approx([1, 1, 0.1, 0.01])
-    assert train.lr_factor(4, 100, 10, "cosine") == pytest.approx(0.5)  # warm-up
-    assert train.lr_factor(10, 100, 10, "cosine") == 1.0
-    assert train.lr_factor(7, 100, 0, "constant") == 1.0
+    assert training.lr_factor(0, 100, 0, "cosine") == 1.0
+    assert training.lr_factor(50, 100, 0, "cosine") == pytest.approx(0.5)
+    assert training.lr_factor(100, 100, 0, "cosine") == pytest.approx(0.0)
+    assert [training.lr_factor(s, 100, 0, "step") for s in (0, 59, 60, 85)] == pytest.approx([1, 1, 0.1, 0.01])
+    assert training.lr_factor(4, 100, 10, "cosine") == pytest.approx(0.5)  # warm-up
+    assert training.lr_factor(10, 100, 10, "cosine") == 1.0
+    assert training.lr_factor(7, 100, 0, "constant") == 1.0
 
 
 def test_early_stopping_compares_in_the_right_direction_and_ignores_nan():
-    assert train.improved("val_macro_f1", 0.5, None)
-    assert train.improved("val_macro_f1", 0.6, 0.5) and not train.improved("val_macro_f1", 0.5, 0.5)
-    assert train.improved("val_loss", 0.4, 0.5) and not train.improved("val_loss", 0.6, 0.5)
-    assert not train.improved("val_loss", 0.45, 0.5, min_delta=0.1)
-    assert not train.improved("val_top1", math.nan, 0.1) and not train.improved("val_top1", math.nan, None)
+    assert training.improved("val_macro_f1", 0.5, None)
+    assert training.improved("val_macro_f1", 0.6, 0.5) and not training.improved("val_macro_f1", 0.5, 0.5)
+    assert training.improved("val_loss", 0.4, 0.5) and not training.improved("val_loss", 0.6, 0.5)
+    assert not training.improved("val_loss", 0.45, 0.5, min_delta=0.1)
+    assert not training.improved("val_top1", math.nan, 0.1) and not training.improved("val_top1", math.nan, None)
 
 
 def test_best_weights_are_a_detached_copy():
     """The kept best epoch must not follow the live weights as training goes on."""
     cfg = train.TrainConfig(crops=".", split=".", out=".", patience=2, epochs=5)
     model = torch.nn.Linear(2, 2)
-    progress = train.Progress()
-    train.end_epoch(progress, {"val_loss": 1.0, "val_top1": 0.5, "val_macro_f1": 0.5}, cfg, model, 0.1)
+    progress = training.Progress()
+    training.end_epoch(progress, {"val_loss": 1.0, "val_top1": 0.5, "val_macro_f1": 0.5}, cfg, model, 0.1)
     kept = progress.best_state["weight"].clone()
     with torch.no_grad():
         model.weight.add_(1.0)
     assert torch.equal(progress.best_state["weight"], kept)
     for _ in range(2):
-        train.end_epoch(progress, {"val_loss": 1.0, "val_top1": 0.5, "val_macro_f1": 0.4}, cfg, model, 0.1)
+        training.end_epoch(progress, {"val_loss": 1.0, "val_top1": 0.5, "val_macro_f1": 0.4}, cfg, model, 0.1)
     assert progress.finished and progress.best_epoch == 1 and "no val_macro_f1 improvement" in progress.stop_reason
 
 
 def test_normalisation_choices():
     base = {"crops": ".", "split": ".", "out": ".", "image_size": 64}
-    none = train.build_preprocessing(train.TrainConfig(**base, normalisation="none"))
+    none = training.build_preprocessing(train.TrainConfig(**base, normalisation="none"))
     assert none.mean == (0.0, 0.0, 0.0) and none.std == (1.0, 1.0, 1.0)
     assert torch.equal(none.normalise(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)), torch.ones(1, 3, 2, 2))
-    lite = train.build_preprocessing(train.TrainConfig(**base, arch="efficientnet_lite0"))
+    lite = training.build_preprocessing(train.TrainConfig(**base, arch="efficientnet_lite0"))
     assert lite.mean == pytest.approx((127 / 255,) * 3)
-    assert train.build_preprocessing(train.TrainConfig(**base)).mean == (0.485, 0.456, 0.406)
+    assert training.build_preprocessing(train.TrainConfig(**base)).mean == (0.485, 0.456, 0.406)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from animl_retrain.modeling.backbones import build_model, save_checkpoint
+from animl_retrain.modeling.backbones import build_model
+from animl_retrain.modeling.checkpoint import save_checkpoint
 from animl_retrain.serving import export as model_export
 from animl_retrain.serving import http as serving
 from animl_retrain.vision.preprocessing import Preprocessing

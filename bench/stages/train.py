@@ -18,28 +18,29 @@ def make_step(recipe: dict, n: int, batch: int):
     """A callable that trains one pass over ``n`` synthetic crops with the train stage's building blocks."""
     import torch
 
+    from animl_retrain.modeling import training
     from animl_retrain.modeling.backbones import build_model
     from animl_retrain.modeling.data import CropDataset, make_loader
     from animl_retrain.stages import train
 
     cfg = train.TrainConfig(crops=".", split=".", out=".", workers=0, batch_size=batch, **recipe)
-    pre = train.build_preprocessing(cfg)
+    pre = training.build_preprocessing(cfg)
     rng = np.random.default_rng(0)
     array = rng.integers(0, 255, (n, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     targets = rng.integers(0, 10, n)
     ds = CropDataset(array, targets, pre.train_transform(cfg.augmentation))
-    criterion, sampler = train.build_criterion_and_sampler(cfg, targets, 10)
+    criterion, sampler = training.build_criterion_and_sampler(cfg, targets, 10)
     model = build_model(cfg.arch, 10)
-    optimizer = train.build_optimizer(model, cfg)
+    optimizer = training.build_optimizer(model, cfg)
     device = torch.device("cpu")
-    amp_dtype, scaler = train.build_amp(cfg, device)
-    parts = train.Parts(
-        model, criterion, optimizer, train.build_scheduler(optimizer, cfg, n // batch), scaler, amp_dtype
+    amp_dtype, scaler = training.build_amp(cfg, device)
+    parts = training.Parts(
+        model, criterion, optimizer, training.build_scheduler(optimizer, cfg, n // batch), scaler, amp_dtype
     )
     loader = make_loader(ds, batch, 0, sampler=sampler, drop_last=True)
 
     def step():
-        train.train_one_epoch(parts, loader, pre, device, train.Progress(), lambda: None)
+        training.train_one_epoch(parts, loader, pre, device, training.Progress(), lambda: None)
 
     return step
 

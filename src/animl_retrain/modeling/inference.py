@@ -33,7 +33,7 @@ class Classifier:
     @classmethod
     def from_checkpoint(cls, path: Path, device: str = "cpu") -> Classifier:
         """Load a checkpoint written by the train stage."""
-        from animl_retrain.modeling.backbones import load_checkpoint, model_from_checkpoint
+        from animl_retrain.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 
         model, preprocessing, labels = model_from_checkpoint(load_checkpoint(path))
         return cls(model, preprocessing, labels, device)

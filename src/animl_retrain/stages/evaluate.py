@@ -24,7 +24,7 @@ from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
 from animl_retrain.formats import layout, tables
 from animl_retrain.integrations.mlflow import registry, tracking
-from animl_retrain.modeling.backbones import load_checkpoint, model_from_checkpoint
+from animl_retrain.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from animl_retrain.modeling.data import CropDataset, decode_crops, make_loader
 from animl_retrain.modeling.inference import pick_device, predict
 from animl_retrain.modeling.metrics import calibration, classification_report, operating_points

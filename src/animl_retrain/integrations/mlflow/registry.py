@@ -31,7 +31,7 @@ from animl_retrain.core.io import write_json
 from animl_retrain.core.logging import log, redact_url
 from animl_retrain.formats.model_folder import INFO_FILE, LABEL_INDEX_FILE, MODEL_FILES, PREPROCESSING_FILE
 from animl_retrain.integrations.mlflow import tracking
-from animl_retrain.modeling.backbones import load_checkpoint
+from animl_retrain.modeling.checkpoint import load_checkpoint
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 COMPARED_TAG, DECISION_TAG = "champion_compared", "promotion"  # what a version was compared with, and the verdict
