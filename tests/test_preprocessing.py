@@ -3,7 +3,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from animl_retrain.vision.preprocessing import ColourJitter, Preprocessing
+from animl_retrain.modeling.transforms import ColourJitter, normalise, train_transform
+from animl_retrain.vision.preprocessing import Preprocessing
 
 
 @pytest.fixture
@@ -56,9 +57,9 @@ def test_normalise_is_imagenet_normalisation():
     batch = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
     pre = Preprocessing()
     mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
-    assert torch.allclose(pre.normalise(batch), (batch.float() / 255 - mean) / std, atol=1e-5)
+    assert torch.allclose(normalise(pre, batch), (batch.float() / 255 - mean) / std, atol=1e-5)
 
 
 def test_train_transform_keeps_size_and_dtype(crop):
-    out = Preprocessing(image_size=64).train_transform()(crop)
+    out = train_transform(Preprocessing(image_size=64))(crop)
     assert out.shape == (3, 64, 64) and out.dtype == torch.uint8

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from animl_retrain.core.errors import PipelineError
-from animl_retrain.modeling import training
+from animl_retrain.modeling import training, transforms
 from animl_retrain.modeling.backbones import build_model, pretrained_normalisation
 from animl_retrain.modeling.data import CropDataset, EpochSampler
 from animl_retrain.stages import train
@@ -65,7 +65,7 @@ def test_class_weights_are_inverse_frequency():
 
 def test_seeded_augmentation_is_repeatable_and_leaves_the_global_rng_alone():
     data = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
-    ds = CropDataset(data, np.array([0, 1]), Preprocessing(image_size=32).train_transform())
+    ds = CropDataset(data, np.array([0, 1]), transforms.train_transform(Preprocessing(image_size=32)))
     torch.manual_seed(5)
     before = torch.get_rng_state()
     x1, _ = ds[(0, 123)]
@@ -112,7 +112,9 @@ def test_normalisation_choices():
     base = {"crops": ".", "split": ".", "out": ".", "image_size": 64}
     none = training.build_preprocessing(train.TrainConfig(**base, normalisation="none"))
     assert none.mean == (0.0, 0.0, 0.0) and none.std == (1.0, 1.0, 1.0)
-    assert torch.equal(none.normalise(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)), torch.ones(1, 3, 2, 2))
+    assert torch.equal(
+        transforms.normalise(none, torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)), torch.ones(1, 3, 2, 2)
+    )
     lite = training.build_preprocessing(train.TrainConfig(**base, arch="efficientnet_lite0"))
     assert lite.mean == pytest.approx((127 / 255,) * 3)
     assert training.build_preprocessing(train.TrainConfig(**base)).mean == (0.485, 0.456, 0.406)

@@ -18,7 +18,7 @@ def make_step(recipe: dict, n: int, batch: int):
     """A callable that trains one pass over ``n`` synthetic crops with the train stage's building blocks."""
     import torch
 
-    from animl_retrain.modeling import training
+    from animl_retrain.modeling import training, transforms
     from animl_retrain.modeling.backbones import build_model
     from animl_retrain.modeling.data import CropDataset, make_loader
     from animl_retrain.stages import train
@@ -28,7 +28,7 @@ def make_step(recipe: dict, n: int, batch: int):
     rng = np.random.default_rng(0)
     array = rng.integers(0, 255, (n, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     targets = rng.integers(0, 10, n)
-    ds = CropDataset(array, targets, pre.train_transform(cfg.augmentation))
+    ds = CropDataset(array, targets, transforms.train_transform(pre, cfg.augmentation))
     criterion, sampler = training.build_criterion_and_sampler(cfg, targets, 10)
     model = build_model(cfg.arch, 10)
     optimizer = training.build_optimizer(model, cfg)

@@ -2,7 +2,7 @@
 
 Both read the same crops (written by our crop stage as ``crops/<label>/<name>.jpg``, which is ImageFolder's
 layout) and deliver the same thing to the model: shuffled float batches, ImageNet-normalised, after the same
-camera-trap augmentation (ours: ``Preprocessing.train_transform`` on uint8 tensors, normalised per batch;
+camera-trap augmentation (ours: ``modeling.transforms.train_transform`` on uint8 tensors, normalised per batch;
 theirs: the classic per-image PIL transforms, ``ToTensor`` and ``Normalize``). Same batch size, the same
 number of worker processes (one per core), persistent workers for both; one timed call is one epoch. Ours pays
 a one-time decode into the memmap, measured apart and also charged to a single epoch in the last row.
@@ -55,6 +55,7 @@ def run(ctx):
     import torch
     from torchvision.datasets import ImageFolder
 
+    from animl_retrain.modeling import transforms
     from animl_retrain.modeling.data import CropDataset, decode_crops, make_loader
 
     root, md_file, _, _, origin = _image_set(ctx, 100 if ctx.quick else 1000)
@@ -74,7 +75,7 @@ def run(ctx):
 
     rows = []
     for augment in (True, False):
-        transform = preprocessing.train_transform("camera-trap" if augment else "none")
+        transform = transforms.train_transform(preprocessing, "camera-trap" if augment else "none")
         ours_loader = make_loader(CropDataset(array, targets, transform), BATCH, workers, shuffle=True)
         theirs_loader = torch.utils.data.DataLoader(
             ImageFolder(str(crops_out / layout.CROPS_DIR), transform=_theirs_transform(augment)),
@@ -84,7 +85,7 @@ def run(ctx):
             persistent_workers=True,
         )
         ours_t, theirs_t = measure_pair(
-            lambda loader=ours_loader: _epoch(loader, preprocessing.normalise),
+            lambda loader=ours_loader: _epoch(loader, lambda x: transforms.normalise(preprocessing, x)),
             lambda loader=theirs_loader: _epoch(loader),
             repeats=ctx.repeats,
         )

@@ -3,7 +3,7 @@
 The crop stage already resized each crop to the training size, so an epoch costs no JPEG decoding at all:
 :func:`decode_crops` fills a memory-mapped ``(N, H, W, 3)`` uint8 array once (in parallel), and
 :class:`CropDataset` hands out ``(3, H, W)`` uint8 tensors through the per-image transform. Normalisation
-(:meth:`Preprocessing.normalise`) runs on whole batches, on the model's device.
+(:func:`animl_retrain.modeling.transforms.normalise`) runs on whole batches, on the model's device.
 
 Training order and augmentation are functions of ``(seed, epoch, position in the epoch)`` alone
 (:class:`EpochSampler` hands each item its own augmentation seed), so a run resumed in the middle of an epoch

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from animl_retrain.core.errors import PipelineError
+from animl_retrain.modeling import transforms
 from animl_retrain.vision.preprocessing import Preprocessing
 
 
@@ -28,7 +29,7 @@ class Classifier:
         self.model = model.to(self.device).eval()
         self.preprocessing = preprocessing
         self.labels = labels
-        self._resize = preprocessing.eval_transform()
+        self._resize = transforms.eval_transform(preprocessing)
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: str = "cpu") -> Classifier:
@@ -53,7 +54,7 @@ class Classifier:
                         for c in crops[start : start + batch_size]
                     ]
                 )
-                logits = self.model(self.preprocessing.normalise(batch.to(self.device)))
+                logits = self.model(transforms.normalise(self.preprocessing, batch.to(self.device)))
                 out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
@@ -87,7 +88,7 @@ def predict(model, loader, preprocessing, device) -> tuple[np.ndarray, np.ndarra
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
     ):
         for x, y in loader:
-            logits = model(preprocessing.normalise(x.to(device, non_blocking=True)))
+            logits = model(transforms.normalise(preprocessing, x.to(device, non_blocking=True)))
             probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
             targets.append(y.numpy())
     return np.concatenate(probs), np.concatenate(targets)

@@ -24,6 +24,7 @@ from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
 from animl_retrain.formats import layout, tables
+from animl_retrain.modeling import transforms
 from animl_retrain.modeling.backbones import build_model, pretrained_normalisation
 from animl_retrain.modeling.checkpoint import data_key
 from animl_retrain.modeling.data import CropDataset, EpochSampler, decode_crops, make_loader
@@ -109,7 +110,9 @@ def build_datasets(cfg, labels: list[str], preprocessing: Preprocessing, work: P
         paths = [Path(cfg.crops) / layout.CROPS_DIR / c for c in rows["crop"]]
         array = decode_crops(paths, preprocessing.image_size, work / f"{name}.npy", workers=cfg.workers)
         transform = (
-            preprocessing.train_transform(cfg.augmentation) if name == "train" else preprocessing.eval_transform()
+            transforms.train_transform(preprocessing, cfg.augmentation)
+            if name == "train"
+            else transforms.eval_transform(preprocessing)
         )
         out[name] = CropDataset(array, rows["label"].map(index).to_numpy(), transform)
         keys[name] = list(zip(rows["crop"], rows["label"], strict=True))
@@ -263,7 +266,7 @@ def train_one_epoch(parts: Parts, loader, preprocessing, device, progress: Progr
     parts.model.train()
     channels_last = device.type == "cuda"
     for x, y in loader:
-        x = preprocessing.normalise(x.to(device, non_blocking=True))
+        x = transforms.normalise(preprocessing, x.to(device, non_blocking=True))
         y = y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

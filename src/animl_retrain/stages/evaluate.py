@@ -24,6 +24,7 @@ from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
 from animl_retrain.formats import layout, tables
 from animl_retrain.integrations.mlflow import registry, tracking
+from animl_retrain.modeling import transforms
 from animl_retrain.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from animl_retrain.modeling.data import CropDataset, decode_crops, make_loader
 from animl_retrain.modeling.inference import pick_device, predict
@@ -163,7 +164,7 @@ def _predict_test(cfg: EvaluateConfig, test: pd.DataFrame, crops_root: Path, mod
     device = pick_device(cfg.device)
     with tempfile.TemporaryDirectory(prefix="animl-eval-") as tmp:
         array = decode_crops([crops_root / c for c in test["crop"]], preprocessing.image_size, Path(tmp) / "test.npy")
-        dataset = CropDataset(array, test["label"].map(index).to_numpy(), preprocessing.eval_transform())
+        dataset = CropDataset(array, test["label"].map(index).to_numpy(), transforms.eval_transform(preprocessing))
         return predict(model.to(device), make_loader(dataset, cfg.batch_size, cfg.workers), preprocessing, device)
 
 

@@ -47,6 +47,7 @@ SHIPPED_MODULES = (
     "vision/preprocessing.py",
     "modeling/__init__.py",
     "modeling/inference.py",
+    "modeling/transforms.py",
     "serving/__init__.py",
     "serving/http.py",
     "serving/request.py",
