@@ -22,6 +22,8 @@ from animl_retrain.components.train import train_op
 from animl_retrain.pipelines.k8s import stage
 from kfp import compiler, dsl
 
+from animl_retrain.config import MODEL_NAME
+
 PIPELINE_NAME = "animl-classifier-retraining"
 COMPILED = Path(__file__).with_name("retrain.yaml")
 
@@ -31,7 +33,7 @@ def retrain_pipeline(
     export_uri: str,
     images_uri: str,
     label_spec: str,
-    model_name: str = "animl-classifier",
+    model_name: str = MODEL_NAME,
     unmapped_labels: str = "drop",
     only_validated: bool = True,
     detector_weights: str = "",
@@ -61,7 +63,7 @@ def retrain_pipeline(
     patience: int = 5,
     checkpoint_uri: str = "",
     target_precision: float = 0.95,
-    experiment: str = "animl-classifier",
+    experiment: str = MODEL_NAME,
     train_gpus: int = 1,
     animl_project: str = "",
     animl_api_url: str = "",

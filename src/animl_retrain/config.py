@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from animl_retrain.core.errors import PipelineError
 
+# The registered model's name, and the MLflow experiment training logs to: one default for the stages and the
+# pipeline. The components repeat it as a literal, because KFP embeds a component's source, signature included,
+# in the compiled pipeline, where no import runs first; tests/test_settings_parity.py checks that they agree.
+MODEL_NAME = "animl-classifier"
+
 
 class StageConfig(BaseModel):
     """Base for every stage's configuration: unknown fields are errors, values are validated on assignment."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from animl_retrain.config import StageConfig
+from animl_retrain.config import MODEL_NAME, StageConfig
 from animl_retrain.core import storage
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json, write_json
@@ -41,7 +41,7 @@ class DeployConfig(StageConfig):
 
     out: Path = Field(description="output folder")
     parity_images: Path = Field(description="folder of real images or crops to check the exports on (crop stage)")
-    name: str = Field("animl-classifier", min_length=1, description="registered model name in MLflow")
+    name: str = Field(MODEL_NAME, min_length=1, description="registered model name in MLflow")
     version: str = Field("", description="deploy this model version (default: the one holding --alias)")
     alias: str = Field("champion", min_length=1, description="alias whose version is deployed")
     registration: Path | None = Field(

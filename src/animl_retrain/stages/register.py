@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from animl_retrain.config import StageConfig
+from animl_retrain.config import MODEL_NAME, StageConfig
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import read_json, write_json
 from animl_retrain.core.logging import log
@@ -33,9 +33,7 @@ class RegisterConfig(StageConfig):
     export: Path = Field(description="output folder of the export stage (for the export fingerprint)")
     out: Path = Field(description="output folder")
     # No quotes or backslashes: the name goes into MLflow registry search filters (see settle).
-    name: str = Field(
-        "animl-classifier", min_length=1, pattern=r"^[^'\"\\]+$", description="registered model name in MLflow"
-    )
+    name: str = Field(MODEL_NAME, min_length=1, pattern=r"^[^'\"\\]+$", description="registered model name in MLflow")
     kfp_run_id: str = Field("", description="Kubeflow run id, recorded as a tag")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from animl_retrain.config import StageConfig
+from animl_retrain.config import MODEL_NAME, StageConfig
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import write_json
 from animl_retrain.core.logging import log, redact_url
@@ -35,7 +35,7 @@ class StatusConfig(StageConfig):
     state: str = Field(description="final state of the pipeline's tasks: SUCCEEDED, FAILED, CANCELED, ...")
     out: Path = Field(description="output folder for status.json")
     kfp_run_id: str = Field("", description="Kubeflow run id, as the train stage tagged its MLflow run")
-    experiment: str = Field("animl-classifier", description="MLflow experiment the train stage logs to")
+    experiment: str = Field(MODEL_NAME, description="MLflow experiment the train stage logs to")
     error_message: str = Field("", description="the error Kubeflow reports for the failed task, if any")
     error_code: int | None = Field(None, description="the error code Kubeflow reports, if any")
     pipeline_task: str = Field("", description="the task group whose status this is")

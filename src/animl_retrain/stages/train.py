@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from animl_retrain.config import StageConfig
+from animl_retrain.config import MODEL_NAME, StageConfig
 from animl_retrain.core.io import read_json, write_json
 from animl_retrain.core.report import Report
 from animl_retrain.formats import layout
@@ -73,7 +73,7 @@ class TrainConfig(StageConfig):
     )
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0 = once per epoch)")
     log_system_metrics: bool = Field(True, description="log CPU/GPU/memory use to MLflow (needs psutil)")
-    experiment: str = Field("animl-classifier", description="MLflow experiment name")
+    experiment: str = Field(MODEL_NAME, description="MLflow experiment name")
     run_name: str = Field("", description="MLflow run name (default: MLflow's)")
     kfp_run_id: str = Field("", description="Kubeflow run id, recorded as an MLflow tag")
 
