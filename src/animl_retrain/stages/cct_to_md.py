@@ -51,64 +51,64 @@ def run(cfg: CctToMdConfig) -> CctToMdResult:
         classification_labels=labels,
         detector_metadata={"typical_detection_threshold": 1.0},
     )
-
-    clipped = skipped = n_det = 0
+    counts = {"clipped": 0, "skipped": 0}
     image_root = Path(cfg.images) / layout.IMAGES_DIR
     for image_id, group in objects.groupby("image_id", sort=True):
         if image_id not in images.index:
-            skipped += len(group)  # the download stage reported why
+            counts["skipped"] += len(group)  # the download stage reported why
             continue
         img = images.loc[image_id]
         try:
             width, height = _dimensions(img, image_root)
         except BadImageError as e:
             report.problem("unreadable image", f"{img['file']}", str(e))
-            skipped += len(group)
+            counts["skipped"] += len(group)
             continue
-        detections = []
-        for obj in group.itertuples():
-            converted = mdformat.normalise_box(obj.x, obj.y, obj.w, obj.h, width, height)
-            if converted is None:
-                report.problem(
-                    "box outside the frame",
-                    f"annotation {obj.annotation_id!r} on {obj.file}",
-                    f"[{obj.x}, {obj.y}, {obj.w}, {obj.h}] in a {width}x{height} image",
-                )
-                skipped += 1
-                continue
-            box, was_clipped = converted
-            clipped += was_clipped
-            detections.append(
-                {
-                    "category": mdformat.ANIMAL,
-                    "conf": 1.0,
-                    "bbox": box,
-                    "classifications": [[class_id[obj.label], 1.0]],
-                    "annotation_id": obj.annotation_id,
-                }
-            )
+        detections = _detections(group, width, height, class_id, counts, report)
         if detections:
             results["images"].append({"file": img["file"], "detections": detections})
-            n_det += len(detections)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     mdformat.write_results(out / layout.GROUND_TRUTH_FILE, results)
-    report.counts = {
-        "images": len(results["images"]),
-        "detections": n_det,
-        "clipped": clipped,
-        "skipped": skipped,
-    }
+    n_det = sum(len(im["detections"]) for im in results["images"])
+    report.counts = {"images": len(results["images"]), "detections": n_det, **counts}
     report.finish(out)
     log.info(
         "cct-to-md: %d boxes on %d images (%d clipped to the frame, %d skipped)",
         n_det,
         len(results["images"]),
-        clipped,
-        skipped,
+        counts["clipped"],
+        counts["skipped"],
     )
-    return CctToMdResult(images=len(results["images"]), detections=n_det, clipped=clipped, skipped=skipped)
+    return CctToMdResult(images=len(results["images"]), detections=n_det, **counts)
+
+
+def _detections(group, width: int, height: int, class_id: dict, counts: dict, report: Report) -> list[dict]:
+    """One image's objects as MegaDetector detections, boxes normalised and clipped; those outside are reported."""
+    detections = []
+    for obj in group.itertuples():
+        converted = mdformat.normalise_box(obj.x, obj.y, obj.w, obj.h, width, height)
+        if converted is None:
+            report.problem(
+                "box outside the frame",
+                f"annotation {obj.annotation_id!r} on {obj.file}",
+                f"[{obj.x}, {obj.y}, {obj.w}, {obj.h}] in a {width}x{height} image",
+            )
+            counts["skipped"] += 1
+            continue
+        box, was_clipped = converted
+        counts["clipped"] += was_clipped
+        detections.append(
+            {
+                "category": mdformat.ANIMAL,
+                "conf": 1.0,
+                "bbox": box,
+                "classifications": [[class_id[obj.label], 1.0]],
+                "annotation_id": obj.annotation_id,
+            }
+        )
+    return detections
 
 
 def _dimensions(img, image_root: Path) -> tuple[int, int]:

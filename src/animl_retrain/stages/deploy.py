@@ -141,37 +141,9 @@ def run(cfg: DeployConfig) -> DeployResult:
         return _finish(cfg, report, DeployResult(deployed=False, dry_run=cfg.dry_run, reason=reason, name=cfg.name))
     version = str(mv.version)
     model_id = cfg.animl_model_id or sagemaker.sagemaker_name(cfg.name.lower())
-
-    package = out / layout.PACKAGE_DIR
-    checkpoint = registry.download_checkpoint(cfg.name, version, package / MODEL_FILES["pytorch"])
-    parity = export_model_folder(
-        checkpoint, package, parity_images(cfg.parity_images, cfg.parity_samples), cfg.parity_tolerance
-    )
-    mar = torchserve.build_mar(package, out / f"{model_id}.mar", model_id, version)
-    tarball = torchserve.build_model_tar(mar, out / layout.MODEL_TARBALL)
-
-    labels = read_labels(package)
-    default, per_class, source = mlmodel.read_operating_points(cfg.evaluation, registry.tags_with_run(mv), labels)
-    description = cfg.description or f"{cfg.name} version {version}, retrained from validated Animl labels"
-    record = mlmodel.record(model_id, f"v{version}", description, labels, default)
-    write_json(out / layout.MLMODEL_FILE, record)
-    write_json(out / layout.CATEGORY_CONFIG_FILE, mlmodel.category_config(labels, default, per_class))
-
-    kinds = ["realtime"] + (["batch"] if cfg.batch_parameter else [])
-    target = sagemaker.Target.build(
-        model_id,
-        cfg.stage,
-        version,
-        model_data="",
-        image=cfg.serving_image or "<serving image>",
-        role_arn=cfg.role_arn or "<role arn>",
-        memory_mb=cfg.memory_mb,
-        max_concurrency=cfg.max_concurrency,
-        ssm_names=[sagemaker.ssm_parameter(model_id, kind, cfg.stage) for kind in kinds],
-        tags={"animl-model": model_id, "mlflow-model": cfg.name, "mlflow-version": version},
-    )
-    prefix = (cfg.model_bucket or "s3://<model bucket>").rstrip("/")
-    target.model_data = f"{prefix}/{model_id}/{cfg.stage}/{target.versioned_name}/model.tar.gz"
+    package, tarball, parity = _package(cfg, version, model_id, out)
+    default, source = _write_records(cfg, mv, model_id, package, out)
+    target = _aws_target(cfg, model_id, version)
     result = DeployResult(
         deployed=False,
         dry_run=cfg.dry_run,
@@ -186,18 +158,71 @@ def run(cfg: DeployConfig) -> DeployResult:
         threshold_source=source,
         parity_max_abs_diff={b: r["max_abs_diff"] for b, r in parity.items()},
     )
-
-    sm, ssm = sagemaker.clients()
     if cfg.dry_run:
-        try:
-            state = sagemaker.current_state(sm, ssm, target)
-        except Exception as e:  # a dry run works without AWS access; it just cannot say create or update
-            report.problem("AWS state unreadable", target.endpoint, str(e))
-            state = None
-        result.plan = [f"upload {tarball.name} and model.onnx to {target.model_data.rsplit('/', 1)[0]}/"]
-        result.plan += sagemaker.plan(target, state)
-        return _finish(cfg, report, result)
+        _plan_dry_run(target, tarball, result, report)
+    else:
+        _deploy(cfg, target, tarball, package, result)
+    return _finish(cfg, report, result)
 
+
+def _package(cfg: DeployConfig, version: str, model_id: str, out: Path) -> tuple[Path, Path, dict]:
+    """Step 1-2: fetch the checkpoint, export and check TorchScript and ONNX, and build the archive."""
+    package = out / layout.PACKAGE_DIR
+    checkpoint = registry.download_checkpoint(cfg.name, version, package / MODEL_FILES["pytorch"])
+    parity = export_model_folder(
+        checkpoint, package, parity_images(cfg.parity_images, cfg.parity_samples), cfg.parity_tolerance
+    )
+    mar = torchserve.build_mar(package, out / f"{model_id}.mar", model_id, version)
+    return package, torchserve.build_model_tar(mar, out / layout.MODEL_TARBALL), parity
+
+
+def _write_records(cfg: DeployConfig, mv, model_id: str, package: Path, out: Path) -> tuple[float, str]:
+    """Step 4: Animl's MLModel record and the suggested categoryConfig; returns the default threshold and source."""
+    version = str(mv.version)
+    labels = read_labels(package)
+    default, per_class, source = mlmodel.read_operating_points(cfg.evaluation, registry.tags_with_run(mv), labels)
+    description = cfg.description or f"{cfg.name} version {version}, retrained from validated Animl labels"
+    record = mlmodel.record(model_id, f"v{version}", description, labels, default)
+    write_json(out / layout.MLMODEL_FILE, record)
+    write_json(out / layout.CATEGORY_CONFIG_FILE, mlmodel.category_config(labels, default, per_class))
+    return default, source
+
+
+def _aws_target(cfg: DeployConfig, model_id: str, version: str) -> sagemaker.Target:
+    """What step 3 creates or updates: the versioned SageMaker model and config, the endpoint, the SSM names."""
+    kinds = ["realtime"] + (["batch"] if cfg.batch_parameter else [])
+    target = sagemaker.Target.build(
+        model_id,
+        cfg.stage,
+        version,
+        model_data="",
+        image=cfg.serving_image or "<serving image>",
+        role_arn=cfg.role_arn or "<role arn>",
+        memory_mb=cfg.memory_mb,
+        max_concurrency=cfg.max_concurrency,
+        ssm_names=[sagemaker.ssm_parameter(model_id, kind, cfg.stage) for kind in kinds],
+        tags={"animl-model": model_id, "mlflow-model": cfg.name, "mlflow-version": version},
+    )
+    prefix = (cfg.model_bucket or "s3://<model bucket>").rstrip("/")
+    target.model_data = f"{prefix}/{model_id}/{cfg.stage}/{target.versioned_name}/{layout.MODEL_TARBALL}"
+    return target
+
+
+def _plan_dry_run(target: sagemaker.Target, tarball: Path, result: DeployResult, report: Report) -> None:
+    """What a deployment would change, from the current AWS state where it can be read."""
+    sm, ssm = sagemaker.clients()
+    try:
+        state = sagemaker.current_state(sm, ssm, target)
+    except Exception as e:  # a dry run works without AWS access; it just cannot say create or update
+        report.problem("AWS state unreadable", target.endpoint, str(e))
+        state = None
+    result.plan = [f"upload {tarball.name} and model.onnx to {target.model_data.rsplit('/', 1)[0]}/"]
+    result.plan += sagemaker.plan(target, state)
+
+
+def _deploy(cfg: DeployConfig, target: sagemaker.Target, tarball: Path, package: Path, result: DeployResult) -> None:
+    """Step 3: upload the package, create or update the endpoint, point SSM at it, and record it on the version."""
+    sm, ssm = sagemaker.clients()
     try:
         state = sagemaker.current_state(sm, ssm, target)
     except Exception as e:
@@ -206,7 +231,8 @@ def run(cfg: DeployConfig) -> DeployResult:
     result.plan += sagemaker.plan(target, state)
     storage.upload_file(tarball, target.model_data)
     storage.upload_file(package / MODEL_FILES["onnx"], target.model_data.replace(layout.MODEL_TARBALL, "model.onnx"))
-    storage.upload_file(out / layout.MLMODEL_FILE, target.model_data.replace(layout.MODEL_TARBALL, layout.MLMODEL_FILE))
+    record = Path(cfg.out) / layout.MLMODEL_FILE
+    storage.upload_file(record, target.model_data.replace(layout.MODEL_TARBALL, layout.MLMODEL_FILE))
     try:
         applied = sagemaker.apply(sm, ssm, target, state, cfg.wait_minutes * 60)
     except PipelineError:
@@ -214,11 +240,6 @@ def run(cfg: DeployConfig) -> DeployResult:
     except Exception as e:
         raise PipelineError(f"deploy: SageMaker/SSM refused a change: {e}") from e
     result.deployed = True
-    result.reason = f"{reason}; endpoint {target.endpoint} {applied['action']} ({applied['status']})"
-    registry.record_deployment(
-        cfg.name,
-        version,
-        cfg.stage,
-        {"endpoint": target.endpoint, "config": target.versioned_name, "model_data": target.model_data},
-    )
-    return _finish(cfg, report, result)
+    result.reason = f"{result.reason}; endpoint {target.endpoint} {applied['action']} ({applied['status']})"
+    details = {"endpoint": target.endpoint, "config": target.versioned_name, "model_data": target.model_data}
+    registry.record_deployment(cfg.name, result.version, cfg.stage, details)

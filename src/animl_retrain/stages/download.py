@@ -205,26 +205,13 @@ def run(cfg: DownloadConfig) -> DownloadResult:
     dest_root = Path(cfg.out) / layout.IMAGES_DIR
     dest_root.mkdir(parents=True, exist_ok=True)
     report.details["removed_partial_files"] = remove_partial_files(dest_root)
-
-    rows = wanted.to_dict("records")
-    statuses: list[str] = []
-    total_bytes = 0
-    with ThreadPoolExecutor(cfg.workers) as pool:
-        down = threading.Event()
-        results = pool.map(lambda r: _fetch_one(source, r, dest_root, cfg, down), rows)
-        for row, (status, nbytes, detail) in tqdm(
-            zip(rows, results, strict=True), total=len(rows), desc="download", disable=None
-        ):
-            statuses.append(status)
-            total_bytes += nbytes
-            if status in ("missing", "corrupt", "failed"):
-                report.problem(f"{status} image", f"image {row['image_id']!r} key {row['key']!r}", detail)
+    statuses, total_bytes = _fetch_all(cfg, source, wanted.to_dict("records"), dest_root, report)
 
     wanted = wanted.assign(_status=statuses)
     on_disk = wanted[wanted["_status"].isin(["ok", "present"])].drop(columns="_status")
     counts = {s: statuses.count(s) for s in ("ok", "present", "missing", "corrupt", "failed")}
     report.counts = {
-        "wanted": len(rows),
+        "wanted": len(wanted),
         "wanted_for_detection": int(wanted["needs_detection"].sum()),
         "downloaded": counts["ok"],
         "already_present": counts["present"],
@@ -235,19 +222,7 @@ def run(cfg: DownloadConfig) -> DownloadResult:
     }
     tables.write_table(on_disk, Path(cfg.out) / layout.IMAGES_TABLE, tables.IMAGES)
     report.finish(cfg.out)
-
-    if counts["failed"]:
-        first = next(p for p in report.problems if p["what"] == "failed image")
-        raise PipelineError(
-            f"download: {counts['failed']} of {len(rows)} images could not be fetched after {cfg.retries} retries "
-            f"(first: {first['where']}: {first['detail']}). Files already on disk are complete; re-run to resume."
-        )
-    lost = counts["missing"] + counts["corrupt"]
-    if rows and lost / len(rows) > cfg.max_missing_fraction:
-        raise PipelineError(
-            f"download: {lost} of {len(rows)} images are missing or undecodable, over max_missing_fraction="
-            f"{cfg.max_missing_fraction}; see {Path(cfg.out) / 'report.json'}"
-        )
+    _check_losses(cfg, counts, len(wanted), report)
     log.info(
         "download: %d fetched, %d already present, %d missing, %d corrupt",
         counts["ok"],
@@ -262,3 +237,36 @@ def run(cfg: DownloadConfig) -> DownloadResult:
         corrupt=counts["corrupt"],
         bytes=total_bytes,
     )
+
+
+def _fetch_all(cfg: DownloadConfig, source, rows: list[dict], dest_root: Path, report: Report) -> tuple[list[str], int]:
+    """Fetch ``rows`` in ``cfg.workers`` threads; each row's status, and the bytes fetched. Failures are reported."""
+    statuses: list[str] = []
+    total_bytes = 0
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        down = threading.Event()
+        results = pool.map(lambda r: _fetch_one(source, r, dest_root, cfg, down), rows)
+        for row, (status, nbytes, detail) in tqdm(
+            zip(rows, results, strict=True), total=len(rows), desc="download", disable=None
+        ):
+            statuses.append(status)
+            total_bytes += nbytes
+            if status in ("missing", "corrupt", "failed"):
+                report.problem(f"{status} image", f"image {row['image_id']!r} key {row['key']!r}", detail)
+    return statuses, total_bytes
+
+
+def _check_losses(cfg: DownloadConfig, counts: dict[str, int], wanted: int, report: Report) -> None:
+    """Stop on images that could not be fetched, or on more missing and broken ones than allowed."""
+    if counts["failed"]:
+        first = next(p for p in report.problems if p["what"] == "failed image")
+        raise PipelineError(
+            f"download: {counts['failed']} of {wanted} images could not be fetched after {cfg.retries} retries "
+            f"(first: {first['where']}: {first['detail']}). Files already on disk are complete; re-run to resume."
+        )
+    lost = counts["missing"] + counts["corrupt"]
+    if wanted and lost / wanted > cfg.max_missing_fraction:
+        raise PipelineError(
+            f"download: {lost} of {wanted} images are missing or undecodable, over max_missing_fraction="
+            f"{cfg.max_missing_fraction}; see {Path(cfg.out) / layout.STAGE_REPORT_FILE}"
+        )

@@ -29,6 +29,7 @@ from animl_retrain.modeling.checkpoint import load_checkpoint, model_from_checkp
 from animl_retrain.modeling.data import CropDataset, decode_crops, make_loader
 from animl_retrain.modeling.inference import pick_device, predict
 from animl_retrain.modeling.metrics import calibration, classification_report, operating_points
+from animl_retrain.modeling.report import worst_mistakes
 
 THRESHOLDS_FORMAT = "animl-retrain-thresholds/1"
 
@@ -213,40 +214,19 @@ def _log_to_mlflow(run_id: str, cfg, out: Path, result, calib, ops, thresholds, 
 
 def run(cfg: EvaluateConfig) -> EvaluateResult:
     """Evaluate on the test split; write metrics, thresholds, report and summary; log them to MLflow."""
-    from animl_retrain.modeling.report import worst_mistakes
-
     report = Report("evaluate")
     ckpt = load_checkpoint(Path(cfg.model) / layout.MODEL_FILE)
     model, preprocessing, labels = model_from_checkpoint(ckpt)
-    split = tables.read_table(Path(cfg.split) / layout.SPLIT_TABLE, tables.SPLIT)
-    test = split[split["split"] == "test"].reset_index(drop=True)
-    if test.empty:
-        raise PipelineError("evaluate: the test split is empty; check the split stage's report")
-    unknown = sorted(set(test["label"]) - set(labels))
-    if unknown:
-        raise PipelineError(f"evaluate: test labels {unknown} are not in the model's label index {labels}")
+    split, test = _test_split(cfg, labels)
     invasive = invasive_classes(cfg, labels, report)
     crops_root = Path(cfg.crops) / layout.CROPS_DIR
-
     probs, targets = _predict_test(cfg, test, crops_root, model, preprocessing, labels)
-    result = classification_report(targets, probs, labels, cfg.top_k)
-    if not math.isfinite(result["macro_f1"]):
-        raise PipelineError("evaluate: macro-F1 is not a number; refusing to publish an evaluation")
-    calib = calibration(targets, probs, cfg.calibration_bins)
-    ops = operating_points(targets, probs, labels, invasive, cfg.target_precision)
-    for label, p in ops["per_class"].items():
-        if not p["met"]:
-            report.problem(
-                "target precision not met",
-                label,
-                f"best precision {p['precision']:.3f} < {cfg.target_precision} on {p['support']} test crops",
-            )
+    result, calib, ops = _score(cfg, targets, probs, labels, invasive, report)
     fingerprint = tables.test_fingerprint(split)
     tracking.check_server()
     champion = (
         _score_champion(cfg.registered_name, test, crops_root, labels, cfg.top_k) if cfg.registered_name else None
     )
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     thresholds = thresholds_document(ops, labels, fingerprint)
@@ -259,35 +239,81 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
         "champion": champion,
         "top_k": cfg.top_k,
     }
-    write_json(out / layout.METRICS_FILE, metrics)
-    write_json(out / layout.THRESHOLDS_FILE, thresholds)
-    pd.DataFrame(result["confusion_matrix"], index=labels, columns=labels).to_csv(out / layout.CONFUSION_FILE)
-    summary = _markdown(result, champion, fingerprint, cfg.top_k, calib, ops)
-    (out / layout.SUMMARY_FILE).write_text(summary)
+    summary = _write_outputs(cfg, out, metrics, thresholds, labels)
     mistakes = worst_mistakes([crops_root / c for c in test["crop"]], targets, probs, labels, cfg.gallery)
     facts = {"model": ckpt["arch"], "input": f"{preprocessing.image_size} px", "test set": fingerprint}
     _write_report(cfg, out, result, calib, ops, mistakes, facts)
-
     run_id = read_json(Path(cfg.model) / layout.MLFLOW_RUN_FILE, "MLflow run record")["run_id"]
     _log_to_mlflow(run_id, cfg, out, result, calib, ops, thresholds, metrics, summary)
+    return _finish(cfg, report, metrics, thresholds, len(test), len(invasive))
 
-    report.counts = {"test_crops": len(test), "invasive_classes": len(invasive)}
+
+def _test_split(cfg: EvaluateConfig, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The split table and its test rows; refuses an empty test set or labels the model does not know."""
+    split = tables.read_table(Path(cfg.split) / layout.SPLIT_TABLE, tables.SPLIT)
+    test = split[split["split"] == "test"].reset_index(drop=True)
+    if test.empty:
+        raise PipelineError("evaluate: the test split is empty; check the split stage's report")
+    unknown = sorted(set(test["label"]) - set(labels))
+    if unknown:
+        raise PipelineError(f"evaluate: test labels {unknown} are not in the model's label index {labels}")
+    return split, test
+
+
+def _score(cfg: EvaluateConfig, targets, probs, labels: list[str], invasive: list[str], report: Report):
+    """Classification report, calibration and the invasive classes' operating points; a NaN macro-F1 stops here."""
+    result = classification_report(targets, probs, labels, cfg.top_k)
+    if not math.isfinite(result["macro_f1"]):
+        raise PipelineError("evaluate: macro-F1 is not a number; refusing to publish an evaluation")
+    calib = calibration(targets, probs, cfg.calibration_bins)
+    ops = operating_points(targets, probs, labels, invasive, cfg.target_precision)
+    for label, p in ops["per_class"].items():
+        if not p["met"]:
+            report.problem(
+                "target precision not met",
+                label,
+                f"best precision {p['precision']:.3f} < {cfg.target_precision} on {p['support']} test crops",
+            )
+    return result, calib, ops
+
+
+def _write_outputs(cfg: EvaluateConfig, out: Path, metrics: dict, thresholds: dict, labels: list[str]) -> str:
+    """``metrics.json``, ``thresholds.json``, the confusion matrix and the summary; returns the summary."""
+    result = metrics["model"]
+    write_json(out / layout.METRICS_FILE, metrics)
+    write_json(out / layout.THRESHOLDS_FILE, thresholds)
+    pd.DataFrame(result["confusion_matrix"], index=labels, columns=labels).to_csv(out / layout.CONFUSION_FILE)
+    calib, ops = metrics["calibration"], metrics["operating_points"]
+    summary = _markdown(result, metrics["champion"], metrics["test_fingerprint"], cfg.top_k, calib, ops)
+    (out / layout.SUMMARY_FILE).write_text(summary)
+    return summary
+
+
+def _finish(cfg: EvaluateConfig, report: Report, metrics: dict, thresholds: dict, n_test: int, n_invasive: int):
+    """The report, a log line and the result."""
+    result, calib, ops, champion = (
+        metrics["model"],
+        metrics["calibration"],
+        metrics["operating_points"],
+        metrics["champion"],
+    )
+    report.counts = {"test_crops": n_test, "invasive_classes": n_invasive}
     report.details.update(
         top1=result["top1"],
         macro_f1=result["macro_f1"],
         ece=calib["ece"],
         thresholds=thresholds["thresholds"],
         native_flagged_rate=ops["native_flagged_rate"],
-        test_fingerprint=fingerprint,
+        test_fingerprint=metrics["test_fingerprint"],
         champion_macro_f1=champion["macro_f1"] if champion else None,
     )
-    report.finish(out)
+    report.finish(cfg.out)
     log.info(
         "evaluate: top-1 %.3f, macro-F1 %.3f, ECE %.3f on %d test crops%s",
         result["top1"],
         result["macro_f1"],
         calib["ece"],
-        len(test),
+        n_test,
         f" (champion v{champion['version']}: {champion['macro_f1']:.3f})" if champion else "",
     )
     rate = ops["native_flagged_rate"]
@@ -297,7 +323,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
         ece=calib["ece"],
         thresholds=thresholds["thresholds"],
         native_flagged_rate=rate if math.isfinite(rate) else None,
-        test_crops=len(test),
-        test_fingerprint=fingerprint,
+        test_crops=n_test,
+        test_fingerprint=metrics["test_fingerprint"],
         champion=champion and {k: champion[k] for k in ("version", "macro_f1", "top1")},
     )

@@ -146,7 +146,6 @@ def run(cfg: ExportConfig) -> ExportResult:
     spec = load_label_spec(cfg.label_spec)
     raw, pulled, archive_uri = _read_source(cfg)
     export = cct.parse(cct.decode(raw, f"export {cfg.source}"), f"export {cfg.source}")
-
     images = _image_rows(export, report)
     objects = _object_rows(export, images, spec.lookup(), cfg, report)
     if not objects:
@@ -155,37 +154,15 @@ def run(cfg: ExportConfig) -> ExportResult:
             f"(dropped: {dict(report.details['dropped'])}); check the spec's label names against the "
             f"export's categories {sorted(set(export.categories.values()))}"
         )
-    objects_df = pd.DataFrame(objects)
-    kept_per_image = Counter(objects_df["image_id"])
-    images_df = pd.DataFrame(images.values())
-    images_df["n_objects"] = images_df["image_id"].map(kept_per_image).fillna(0).astype(int)
-    images_df["needs_detection"] = images_df["image_id"].isin(_images_without_located_box(objects, images))
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / layout.EXPORT_FILE).write_bytes(raw)
-    tables.write_table(images_df, out / layout.IMAGES_TABLE, tables.IMAGES)
-    tables.write_table(objects_df, out / layout.OBJECTS_TABLE, tables.OBJECTS)
+    images_df, objects_df = _tables(images, objects)
     labels = [*spec.labels, OTHER] if cfg.unmapped == "other" else spec.labels
-    write_json(
-        out / layout.LABEL_SPEC_FILE,
-        {**spec.to_json(), **({OTHER: {"dataset_labels": {}}} if OTHER in labels else {})},
-    )
-
-    per_class = dict(sorted(Counter(objects_df["label"]).items()))
-    per_location = dict(sorted(Counter(objects_df["location"]).items()))
-    used = {a["category_id"] for a in export.annotations}
+    out = Path(cfg.out)
+    _write_outputs(out, raw, images_df, objects_df, spec, labels)
     validated_fp, n_validated = validated_fingerprint(export)
     decision, reason = decide(cfg, validated_fp, n_validated)
-    report.counts = {
-        "images": len(export.images),
-        "images_with_objects": int((images_df["n_objects"] > 0).sum()),
-        "images_needing_detection": int(images_df["needs_detection"].sum()),
-        "annotations": len(export.annotations),
-        "objects": len(objects_df),
-        "classes": len(per_class),
-        "locations": len(per_location),
-    }
+    per_class = dict(sorted(Counter(objects_df["label"]).items()))
+    per_location = dict(sorted(Counter(objects_df["location"]).items()))
+    _finish_report(report, out, export, images_df, objects_df, labels, per_class, per_location)
     report.details.update(
         fingerprint=fingerprint(raw),
         source=cfg.source,
@@ -194,10 +171,6 @@ def run(cfg: ExportConfig) -> ExportResult:
         decision=decision,
         decision_reason=reason,
         **({"animl": pulled.metadata(), "archive_uri": archive_uri} if pulled else {}),
-        per_class=per_class,
-        per_location=per_location,
-        empty_classes=[label for label in labels if label not in per_class],
-        unused_categories=sorted(name for cid, name in export.categories.items() if cid not in used),
     )
     report.finish(out)
     log.info("export: %d objects in %d classes at %d locations", len(objects_df), len(per_class), len(per_location))
@@ -212,20 +185,65 @@ def run(cfg: ExportConfig) -> ExportResult:
         decision=decision,
         decision_reason=reason,
         archive_uri=archive_uri,
-        **(
-            {
-                "animl_task_id": pulled.task_id,
-                "animl_count": pulled.count,
-                "animl_reviewed": pulled.reviewed,
-                "animl_not_reviewed": pulled.not_reviewed,
-            }
-            if pulled
-            else {}
-        ),
+        **_animl_task(pulled),
     )
     (out / layout.SUMMARY_FILE).write_text(_summary(cfg, result))
     log.info("export: %s (%s)", decision, reason)
     return result
+
+
+def _tables(images: dict[str, dict], objects: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The image and object tables, with each image's kept objects and whether it needs the detector."""
+    objects_df = pd.DataFrame(objects)
+    kept_per_image = Counter(objects_df["image_id"])
+    images_df = pd.DataFrame(images.values())
+    images_df["n_objects"] = images_df["image_id"].map(kept_per_image).fillna(0).astype(int)
+    images_df["needs_detection"] = images_df["image_id"].isin(_images_without_located_box(objects, images))
+    return images_df, objects_df
+
+
+def _write_outputs(out: Path, raw: bytes, images_df, objects_df, spec, labels: list[str]) -> None:
+    """The exact input, the two tables and the label spec in canonical form."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / layout.EXPORT_FILE).write_bytes(raw)
+    tables.write_table(images_df, out / layout.IMAGES_TABLE, tables.IMAGES)
+    tables.write_table(objects_df, out / layout.OBJECTS_TABLE, tables.OBJECTS)
+    write_json(
+        out / layout.LABEL_SPEC_FILE,
+        {**spec.to_json(), **({OTHER: {"dataset_labels": {}}} if OTHER in labels else {})},
+    )
+
+
+def _finish_report(report: Report, out, export, images_df, objects_df, labels, per_class, per_location) -> None:
+    """Counts, and per class, per location, empty classes and unused categories."""
+    used = {a["category_id"] for a in export.annotations}
+    report.counts = {
+        "images": len(export.images),
+        "images_with_objects": int((images_df["n_objects"] > 0).sum()),
+        "images_needing_detection": int(images_df["needs_detection"].sum()),
+        "annotations": len(export.annotations),
+        "objects": len(objects_df),
+        "classes": len(per_class),
+        "locations": len(per_location),
+    }
+    report.details.update(
+        per_class=per_class,
+        per_location=per_location,
+        empty_classes=[label for label in labels if label not in per_class],
+        unused_categories=sorted(name for cid, name in export.categories.items() if cid not in used),
+    )
+
+
+def _animl_task(pulled: animl_api.PulledExport | None) -> dict:
+    """The Animl export task's id and counts, for an export pulled from Animl."""
+    if pulled is None:
+        return {}
+    return {
+        "animl_task_id": pulled.task_id,
+        "animl_count": pulled.count,
+        "animl_reviewed": pulled.reviewed,
+        "animl_not_reviewed": pulled.not_reviewed,
+    }
 
 
 def _read_source(cfg: ExportConfig) -> tuple[bytes, animl_api.PulledExport | None, str]:
