@@ -18,8 +18,9 @@ def evaluate_op(
     report: Output[HTML],
     registered_name: str = "",
     target_precision: float = 0.95,
+    recall_floor: float = 0.0,
 ):
-    """Score the model (and the current champion) on the test split; thresholds for the invasive classes."""
+    """Score the model (and the current champion) on the test split; invasive thresholds chosen on val."""
     import json
     import shutil
     from pathlib import Path
@@ -40,6 +41,7 @@ def evaluate_op(
         out=evaluation.path,
         registered_name=registered_name,
         target_precision=target_precision,
+        recall_floor=recall_floor,
     )
     scores = json.loads((Path(evaluation.path) / layout.METRICS_FILE).read_text())
     result = scores["model"]

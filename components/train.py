@@ -13,9 +13,13 @@ def train_op(
     arch: str = "efficientnet_b0",
     weights: str = "",
     image_size: int = 224,
+    recipe: str = "auto",
     epochs: int = 10,
     batch_size: int = 32,
     lr: float = 1e-3,
+    backbone_lr_mult: float = 0.1,
+    weight_decay: float = 0.05,
+    label_smoothing: float = 0.1,
     optimizer: str = "adamw",
     lr_schedule: str = "cosine",
     warmup_epochs: float = 0.0,
@@ -29,7 +33,7 @@ def train_op(
     kfp_run_id: str = "",
     gpus: int = 1,
 ):
-    """Fine-tune a classifier on the train split; the best val epoch is kept; resumes from its checkpoint.
+    """Train the classifier (head on frozen features, then fine-tuning, for pretrained weights); resumes if retried.
 
     ``gpus`` is the GPU count the pipeline requests for this task (pipelines/k8s.py): 0 trains on the CPU, any
     other count lets the stage pick the GPU when there is one. It is an input here, not only a resource setting,
@@ -49,9 +53,13 @@ def train_op(
         arch=arch,
         weights=weights,
         image_size=image_size,
+        recipe=recipe,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        backbone_lr_mult=backbone_lr_mult,
+        weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
         optimizer=optimizer,
         lr_schedule=lr_schedule,
         warmup_epochs=warmup_epochs,

@@ -51,9 +51,13 @@ def retrain_pipeline(
     seed: int = 0,
     arch: str = "efficientnet_b0",
     weights: str = "",
+    recipe: str = "auto",
     epochs: int = 10,
     batch_size: int = 32,
     lr: float = 0.001,
+    backbone_lr_mult: float = 0.1,
+    weight_decay: float = 0.05,
+    label_smoothing: float = 0.1,
     optimizer: str = "adamw",
     lr_schedule: str = "cosine",
     warmup_epochs: float = 0.0,
@@ -63,6 +67,7 @@ def retrain_pipeline(
     patience: int = 5,
     checkpoint_uri: str = "",
     target_precision: float = 0.95,
+    recall_floor: float = 0.0,
     experiment: str = MODEL_NAME,
     train_gpus: int = 1,
     animl_project: str = "",
@@ -83,6 +88,9 @@ def retrain_pipeline(
     serving_image: str = "",
     sagemaker_role_arn: str = "",
     max_concurrency: int = 5,
+    split_method: str = "optimise",
+    split_group_by: str = "auto",
+    sequence_gap: float = 60.0,
 ):
     """Animl's classifier retraining pipeline.
 
@@ -103,15 +111,20 @@ def retrain_pipeline(
         val_frac: share of each class for validation.
         test_frac: share of each class for the test set.
         min_locs: drop classes seen at fewer locations.
-        split_trials: random location assignments to score.
+        split_trials: random location assignments to score (split_method 'random').
         frozen_test_uri: s3:// URI of the frozen test set (the first run writes it, later runs reuse it).
         new_test_set: draw a new test set and overwrite the frozen one.
         seed: random seed for the split and training.
         arch: backbone (torchvision's, or efficientnet_lite0).
         weights: initial weights: '' (random), 'imagenet', or an s3:// URI of a state dict.
-        epochs: maximum training epochs.
+        recipe: 'auto' (two-phase with pretrained weights, else end-to-end), 'two-phase' (a head fitted on frozen
+            features, then fine-tuning from it, kept only if it beats the head on val) or 'end-to-end'.
+        epochs: maximum training epochs (of fine-tuning, in the two-phase recipe).
         batch_size: images per step.
-        lr: peak learning rate.
+        lr: peak learning rate (of the head, in the two-phase recipe).
+        backbone_lr_mult: two-phase recipe: the backbone learns at lr times this.
+        weight_decay: weight decay (decoupled, for AdamW).
+        label_smoothing: cross-entropy label smoothing.
         optimizer: 'adamw' or 'sgd' (with momentum).
         lr_schedule: 'cosine', 'step' or 'constant'.
         warmup_epochs: linear learning-rate warm-up, in epochs.
@@ -121,7 +134,9 @@ def retrain_pipeline(
         patience: early-stopping patience in epochs.
         checkpoint_uri: s3:// prefix for resume checkpoints; the run id is appended, so a retried (preempted)
             train task resumes where it stopped.
-        target_precision: precision each invasive class's confidence threshold must reach on the test set.
+        target_precision: precision each invasive class's confidence threshold must reach, chosen on val (and
+            then measured on test).
+        recall_floor: an invasive threshold may not push the class's val recall below this (0 = no floor).
         experiment: MLflow experiment name.
         train_gpus: GPUs for the training task on the cluster; 0 trains on the CPU (of a GPU node).
         animl_project: Animl project id to export (with export_uri 'animl-api').
@@ -142,6 +157,11 @@ def retrain_pipeline(
         serving_image: TorchServe CPU image with the torch version that traced the model.
         sagemaker_role_arn: SageMaker execution role.
         max_concurrency: serverless endpoint max concurrency.
+        split_method: 'optimise' (construct a split, then improve it by local search) or 'random' (the best of
+            split_trials random assignments, the search of Microsoft's and TNC's scripts).
+        split_group_by: what the split keeps whole: 'location', 'sequence' (bursts of one camera, by the
+            datetime of its images) or 'auto' (by location unless the export has no usable location).
+        sequence_gap: seconds: an image this close to the previous one of its camera joins its sequence.
     """
     # The exit handler runs after every step in the block, whether they succeeded or not (locally too).
     status = stage("status", record_status_op(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment))
@@ -204,6 +224,9 @@ def retrain_pipeline(
                     seed=seed,
                     frozen_test_uri=frozen_test_uri,
                     new_test_set=new_test_set,
+                    method=split_method,
+                    group_by=split_group_by,
+                    sequence_gap=sequence_gap,
                 ),
             )
             model = stage(
@@ -214,9 +237,13 @@ def retrain_pipeline(
                     arch=arch,
                     weights=weights,
                     image_size=image_size,
+                    recipe=recipe,
                     epochs=epochs,
                     batch_size=batch_size,
                     lr=lr,
+                    backbone_lr_mult=backbone_lr_mult,
+                    weight_decay=weight_decay,
+                    label_smoothing=label_smoothing,
                     optimizer=optimizer,
                     lr_schedule=lr_schedule,
                     warmup_epochs=warmup_epochs,
@@ -241,6 +268,7 @@ def retrain_pipeline(
                     export=export.outputs["export"],
                     registered_name=model_name,
                     target_precision=target_precision,
+                    recall_floor=recall_floor,
                 ),
             )
             registration = stage(

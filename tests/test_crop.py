@@ -58,6 +58,11 @@ def test_crop_manifest(stage_outputs):
     report = read_json(stage_outputs["crops"] / "report.json")
     assert report["counts"]["crops"] == len(crops) > 50
     assert set(crops["box_source"]) == {"ground_truth"}
+    # every crop carries its image's location, camera and datetime (the split groups by them)
+    images = tables.read_table(stage_outputs["images"] / "images.csv", tables.IMAGES).set_index("image_id")
+    for col in ("location", "camera", "datetime"):
+        expected = crops["image_id"].map(images[col])
+        assert crops[col].eq(expected).all() and crops[col].ne("").all(), col
     assert crops["annotation_id"].is_unique
     for rel in crops["crop"].head(10):
         assert Image.open(stage_outputs["crops"] / layout.CROPS_DIR / rel).size == (32, 32)

@@ -27,6 +27,25 @@ def test_maps_labels_by_name_and_drops_empty(write_export, tmp_path):
     assert (out / "export.json").read_bytes() == json.dumps(make_export()).encode()
 
 
+def test_camera_and_datetime_reach_the_tables(write_export, tmp_path):
+    """Animl's export has no camera field: the serial is the second part of file_name; datetime is kept as given."""
+    _, out = run_export(write_export(make_export()), tmp_path)
+    images = tables.read_table(out / "images.csv", tables.IMAGES).set_index("image_id")
+    objects = tables.read_table(out / "objects.csv", tables.OBJECTS).set_index("annotation_id")
+    assert images["camera"].to_dict() == {"p:aaa": "cam1", "p:bbb": "cam2"}
+    assert (objects.loc["a1", "camera"], objects.loc["a1", "datetime"]) == ("cam1", "2024-01-01T00:00:00.000-08:00")
+    assert (objects.loc["a2", "camera"], objects.loc["a2", "datetime"]) == ("cam2", "")
+
+
+def test_tables_written_before_the_camera_column_still_read(tmp_path):
+    """A table from an older run (or a cached stage output) lacks camera/datetime: they read as ''."""
+    path = tmp_path / "objects.csv"
+    columns = [c for c in tables.OBJECTS if c not in ("camera", "datetime")]
+    path.write_text(",".join(columns) + "\n" + "a1,p:aaa,p/x.jpg,fox,Fox,1,2,3,4,True,Site A\n")
+    table = tables.read_table(path, tables.OBJECTS)
+    assert table.loc[0, "camera"] == "" and table.loc[0, "datetime"] == "" and table.loc[0, "location"] == "Site A"
+
+
 def test_category_ids_can_change_between_exports(write_export, tmp_path):
     data = make_export()
     renumber = {0: 7, 1: 9, 2: 4, 3: 1}

@@ -59,6 +59,7 @@ def test_threshold_for_precision_picks_the_lowest_qualifying_threshold():
         "support": 5,
         "flagged": 5,
         "met": True,
+        "floor_binding": False,
     }
     strict = threshold_for_precision(y, probs, 1, 0.95)
     assert strict["threshold"] == 0.9 and strict["recall"] == pytest.approx(3 / 5) and strict["met"]
@@ -92,3 +93,70 @@ def test_operating_points_count_natives_flagged_as_invasive():
     loose = operating_points(y, probs, labels, ["rat"], 0.5)
     assert loose["per_class"]["rat"]["threshold"] == 0.7 and loose["native_flagged"] == 2
     assert math.isnan(operating_points(y, probs, labels, [], 0.95)["native_flagged_rate"])
+
+
+def test_recall_floor_keeps_recall_and_says_the_precision_target_is_out_of_reach():
+    from animl_retrain.modeling.metrics import threshold_for_precision
+
+    conf = [0.99, 0.95, 0.9, 0.85, 0.8, 0.7]
+    truth = [1, 1, 1, 0, 1, 0]
+    probs = np.array([[1 - c, c] for c in conf] + [[0.9, 0.1]])
+    y = np.array([*truth, 1])
+    # precision 0.95 is reached only at 0.9 (recall 3/5); a floor of 0.8 forbids that threshold
+    floored = threshold_for_precision(y, probs, 1, 0.95, recall_floor=0.8)
+    assert floored["threshold"] == 0.8 and floored["recall"] == pytest.approx(0.8)
+    assert not floored["met"] and floored["floor_binding"]
+    # a floor the target already satisfies changes nothing
+    easy = threshold_for_precision(y, probs, 1, 0.95, recall_floor=0.5)
+    assert easy["threshold"] == 0.9 and easy["met"] and not easy["floor_binding"]
+
+
+def test_thresholds_are_chosen_on_val_and_reported_on_test():
+    from animl_retrain.modeling.metrics import operating_points
+
+    labels = ["fox", "rat"]
+    # on val, rats are predicted with 0.9+ and foxes stay below 0.8: the threshold lands at 0.9
+    val_y = np.array([1, 1, 0])
+    val_p = np.array([[0.05, 0.95], [0.1, 0.9], [0.3, 0.7]])
+    # on test the same threshold misses a rat at 0.85 and flags a fox at 0.92
+    test_y = np.array([1, 1, 0, 0])
+    test_p = np.array([[0.05, 0.95], [0.15, 0.85], [0.08, 0.92], [0.9, 0.1]])
+    ops = operating_points(val_y, val_p, labels, ["rat"], 0.95, held_out=(test_y, test_p))
+    rat = ops["per_class"]["rat"]
+    assert rat["threshold"] == 0.9 and rat["chosen_on"]["precision"] == 1.0 and rat["chosen_on"]["recall"] == 1.0
+    assert rat["precision"] == pytest.approx(0.5) and rat["recall"] == pytest.approx(0.5) and rat["missed"] == 1
+    assert ops["chosen_on"] == "val" and ops["native_flagged"] == 1
+
+
+def test_location_bootstrap_is_wider_than_a_crop_bootstrap_when_mistakes_cluster_by_location():
+    from animl_retrain.modeling.metrics import bootstrap, classification_report
+
+    rng = np.random.default_rng(1)
+    location = np.repeat(np.arange(20), 30)
+    accuracy = np.where(rng.random(20) < 0.5, 0.95, 0.4)[location]  # some cameras are easy, others hard
+    y = rng.integers(0, 3, 600)
+    probs = np.eye(3)[np.where(rng.random(600) < accuracy, y, rng.integers(0, 3, 600))]
+    macro = classification_report(y, probs, ["a", "b", "c"])["macro_f1"]
+    by_location = bootstrap(location, y, probs)
+    by_crop = bootstrap(np.arange(600), y, probs)
+    for ci in (by_location, by_crop):
+        assert ci["macro_f1"][0] < macro < ci["macro_f1"][1]
+    width = {k: ci["macro_f1"][1] - ci["macro_f1"][0] for k, ci in (("loc", by_location), ("crop", by_crop))}
+    assert width["loc"] > 1.5 * width["crop"]
+    assert bootstrap(location, y, probs) == by_location  # deterministic per seed
+    assert by_location["groups"] == 20 and by_location["unit"] == "location"
+
+
+def test_paired_bootstrap_tells_a_real_gain_from_a_tie():
+    from animl_retrain.modeling.metrics import bootstrap
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 4, 800)
+    groups = np.arange(800) % 40
+    good = np.eye(4)[np.where(rng.random(800) < 0.8, y, rng.integers(0, 4, 800))]
+    worse = np.eye(4)[np.where(rng.random(800) < 0.5, y, rng.integers(0, 4, 800))]
+    other = np.eye(4)[np.where(rng.random(800) < 0.8, y, rng.integers(0, 4, 800))]  # as good, other mistakes
+    gain = bootstrap(groups, y, good, worse)["difference"]["macro_f1"]
+    assert gain[0] > 0
+    tie = bootstrap(groups, y, good, other)["difference"]["macro_f1"]
+    assert tie[0] < 0 < tie[1]

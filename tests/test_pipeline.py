@@ -69,6 +69,14 @@ def test_whole_pipeline_locally_then_load_the_champion(servers, tmp_path, monkey
         n_locations=8,
         seed=5,
     )
+    # Initial weights where the README recommends EfficientNet-Lite0's: inside a site-packages folder, a path
+    # kfp.local would rewrite ('python3' -> the interpreter's path) but for tools/local_run.protect_parameters.
+    weights = tmp_path / "venv" / "lib" / "python3.11" / "site-packages" / "tiny_weights" / "mobilenet.pth"
+    weights.parent.mkdir(parents=True)
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=10).state_dict(), weights)
     params = {
         "export_uri": "s3://it-exports/export.json",
         "images_uri": "s3://it-images",
@@ -76,6 +84,7 @@ def test_whole_pipeline_locally_then_load_the_champion(servers, tmp_path, monkey
         "model_name": "it-model",
         "experiment": "it",
         "arch": "mobilenet_v3_small",
+        "weights": str(weights),
         "image_size": 32,
         "epochs": 2,
         "batch_size": 16,
@@ -95,6 +104,9 @@ def test_whole_pipeline_locally_then_load_the_champion(servers, tmp_path, monkey
     assert summary["stages"]["register"]["promoted"] is True
     text = format_summary(summary, servers.mlflow_uri)
     assert "it-model version 1" in text and servers.mlflow_uri in text and "macro-F1" in text
+    assert "Split by location: " in text and "(optimise search)" in text
+    [link] = (tmp_path / "root" / "inputs").iterdir()
+    assert link.resolve() == weights.resolve() and "python3" not in str(link)
 
     [status_file] = (tmp_path / "root").rglob("record-status-op/run_status/status.json")
     status = json.loads(status_file.read_text())
@@ -151,6 +163,7 @@ print(json.dumps(out.iloc[0].to_dict()))
     secrets_used = {"S3 secret key": servers.secret_key, "Animl password": "Pipeline-pass-1!"}
     logs = capfd.readouterr()
     assert "record-status-op" in logs.out + logs.err  # the runs' logs were captured
+    assert f"tensors from {link}" in logs.out + logs.err  # train loaded the weights through the link
     haystacks = {"stdout": logs.out, "stderr": logs.err, "compiled pipeline": COMPILED.read_text()}
     haystacks |= {str(p): p.read_bytes().decode("latin-1") for p in (tmp_path / "root").rglob("*") if p.is_file()}
     haystacks |= {f"MLflow: {where}": text for where, text in mlflow_texts()}

@@ -208,6 +208,69 @@ def test_champion_evaluated_against_the_same_test_set(trained, stage_outputs, tm
     assert result.champion["macro_f1"] == pytest.approx(result.macro_f1, abs=0.02)  # the same weights
 
 
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A stand-in for ImageNet weights: a 1000-class state dict of the tiny backbone (the recipe needs weights)."""
+    import torch
+
+    path = tmp_path_factory.mktemp("weights") / "imagenet.pt"
+    torch.manual_seed(0)
+    torch.save(build_model(TINY["arch"], 1000).state_dict(), path)
+    return path
+
+
+def test_two_phase_recipe_fits_the_head_first_and_calibrates(servers, stage_outputs, pretrained, tmp_path):
+    import mlflow
+
+    out = tmp_path / "model"
+    result = train.run(
+        train.TrainConfig(
+            crops=stage_outputs["crops"],
+            split=stage_outputs["split"],
+            out=out,
+            experiment="tests",
+            weights=str(pretrained),
+            **TINY,
+        )
+    )
+    details = read_json(out / layout.STAGE_REPORT_FILE)
+    assert details["recipe"] == "two-phase" and details["head"]["l2"] > 0 and len(details["history"]) == 2
+    assert (
+        details["temperature"] > 0 and load_checkpoint(out / layout.MODEL_FILE)["temperature"] == details["temperature"]
+    )
+    # the head-only model is epoch 0 of the val curve; fine-tuning has to beat it
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(result.mlflow_run_id, "val_macro_f1")]
+    assert steps == [0, 1, 2]
+    assert result.best["val_macro_f1"] >= details["head"]["val_macro_f1"]
+    metrics = mlflow.get_run(result.mlflow_run_id).data.metrics
+    assert metrics["temperature"] == pytest.approx(details["temperature"]) and "val_ece" in metrics
+
+
+def test_fine_tuning_that_loses_to_the_head_is_kept_out(servers, stage_outputs, pretrained, tmp_path):
+    """A learning rate that wrecks the network: the head-only model is what training returns, and it says so."""
+    import torch
+
+    out = tmp_path / "model"
+    settings = {**TINY, "lr": 5.0, "backbone_lr_mult": 1.0, "calibrate": False}
+    result = train.run(
+        train.TrainConfig(
+            crops=stage_outputs["crops"],
+            split=stage_outputs["split"],
+            out=out,
+            experiment="tests",
+            weights=str(pretrained),
+            **settings,
+        )
+    )
+    report = read_json(out / layout.STAGE_REPORT_FILE)
+    assert result.best_epoch == 0 and "fine-tuning kept out" in [p["what"] for p in report["problems"]]
+    # the backbone is the pretrained one, batch-norm statistics included: only the head changed
+    state = load_checkpoint(out / layout.MODEL_FILE)["state_dict"]
+    donor = torch.load(pretrained, weights_only=True)
+    body = [k for k in state if not k.startswith("classifier.3.")]
+    assert body and all(torch.equal(state[k], donor[k]) for k in body)
+
+
 def test_decide():
     ev = {"model": {"macro_f1": 0.8}, "test_fingerprint": "t1", "champion": {"version": "3", "macro_f1": 0.7}}
     champ = SimpleNamespace(version="3", tags={})
@@ -218,6 +281,27 @@ def test_decide():
     assert not register.decide(ev, moved)[0]
     elsewhere = SimpleNamespace(version="4", tags={"test_fingerprint": "other", "test_macro_f1": "0.1"})
     assert "not scored on this test set" in register.decide(ev, elsewhere)[1]
+
+
+def test_decide_promotes_only_beyond_the_noise():
+    champ = SimpleNamespace(version="3", tags={})
+    ev = {"model": {"macro_f1": 0.8}, "test_fingerprint": "t1", "champion": {"version": "3", "macro_f1": 0.75}}
+
+    def compared(low, high, verdict):
+        comparison = {"champion_version": "3", "interval": [low, high], "level": 0.95, "verdict": verdict}
+        return register.decide({**ev, "comparison": comparison}, champ)
+
+    promoted, reason = compared(0.01, 0.09, "better")
+    assert promoted and "beyond the noise" in reason
+    promoted, reason = compared(-0.03, 0.13, "tie")
+    assert not promoted and "a tie with champion v3" in reason
+    assert not compared(-0.2, -0.01, "worse")[0]
+    # a champion that moved since the evaluation: our interval must clear its macro-F1
+    moved = SimpleNamespace(version="4", tags={"test_fingerprint": "t1", "test_macro_f1": "0.76"})
+    with_ci = {**ev, "model": {"macro_f1": 0.8, "ci": {"macro_f1": [0.74, 0.86]}}}
+    assert not register.decide(with_ci, moved)[0]
+    with_ci["model"]["ci"]["macro_f1"][0] = 0.77
+    assert register.decide(with_ci, moved)[0]
 
 
 def test_weights_from_a_file_and_bad_weights(tmp_path):

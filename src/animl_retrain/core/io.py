@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import tempfile
@@ -70,10 +71,28 @@ def remove_partial_files(folder: Path) -> int:
     return removed
 
 
+def json_safe(data: Any) -> Any:
+    """``data`` with every NaN or infinite float replaced by None, so it is strict JSON (``null``).
+
+    An undefined metric (the F1 of a class with no test crop, say) must read as "no value", not as a number:
+    ``NaN`` is not JSON and most parsers reject it.
+    """
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_safe(v) for v in data]
+    if hasattr(data, "dtype") and getattr(data, "shape", None) == ():  # a numpy scalar
+        return json_safe(data.item())
+    return data
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically, pretty-printed and with a trailing newline."""
+    """Write strict JSON atomically (undefined numbers as ``null``), pretty-printed, with a trailing newline."""
+    text = json.dumps(json_safe(data), indent=2, sort_keys=False, default=str, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def decode_json(raw: bytes | str, where: str) -> Any:

@@ -7,6 +7,7 @@ dangling references, boxes of no size) stop the run with every error listed; rec
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,30 @@ class _Errors:
         more = len(self.items) - MAX_ERRORS_SHOWN
         tail = f"\n  ... and {more} more" if more > 0 else ""
         raise PipelineError(f"{self.where}: {len(self.items)} structural error(s):\n  {shown}{tail}")
+
+
+def camera_of(file_name: str) -> str:
+    """The camera serial in an Animl ``file_name`` (``<project>/<camera serial>/<deployment>/<id>.<ext>``), or "".
+
+    Animl's export has no camera field; its ``file_name`` is built from the project, the camera's serial number
+    and the deployment, so the serial is the second of at least three ``/``-separated parts.
+    """
+    parts = file_name.split("/")
+    return parts[1] if len(parts) >= 3 else ""
+
+
+def parse_datetime(text: str) -> dt.datetime | None:
+    """An image's ``datetime`` (ISO 8601, with an offset in Animl's exports) as an aware datetime; None if unusable.
+
+    A time without an offset is read as UTC (only differences between one camera's images are used).
+    """
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
 
 
 def _record_name(kind: str, index: int, record: object) -> str:

@@ -12,7 +12,7 @@ from animl_retrain.formats import model_folder
 
 # Every stage.
 STAGE_REPORT_FILE = REPORT_NAME  # report.json: counts, problems with their reason, seconds
-SUMMARY_FILE = "summary.md"  # export, evaluate: the summary the Kubeflow UI shows
+SUMMARY_FILE = "summary.md"  # export, split, evaluate: the summary the Kubeflow UI shows
 
 # export
 EXPORT_FILE = "export.json"  # the exact input, for provenance

@@ -102,8 +102,10 @@ def read_results(path: Path) -> dict[str, Any]:
         for j, det in enumerate(detections or []):
             where = f"{path}: images[{i}] ({im['file']!r:.200}) detections[{j}]"
             box = det.get("bbox") if isinstance(det, dict) else None
-            if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+            if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) or v is None for v in box):
                 raise PipelineError(f"{where} has no valid 'bbox'")
+            if None in box:  # strict JSON writes an undefined coordinate (NaN) as null; crop reports the box
+                det["bbox"] = [math.nan if v is None else v for v in box]
             if "conf" in det and not _is_number(det["conf"]):
                 raise PipelineError(f"{where}: 'conf' must be a number, got {det['conf']!r:.40}")
             if "category" in det and not isinstance(det["category"], str):

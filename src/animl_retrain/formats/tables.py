@@ -16,7 +16,8 @@ IMAGES = {
     "file": "str",  # safe relative path under the images folder
     "key": "str",  # object key in the images bucket
     "location": "str",
-    "datetime": "str",
+    "camera": "str",  # the camera serial, from Animl's file_name (formats.cct.camera_of); "" when not there
+    "datetime": "str",  # as in the export: ISO 8601 with an offset; "" when missing
     "width": "Int64",
     "height": "Int64",
     "n_objects": "int",  # objects kept by the label spec
@@ -40,6 +41,8 @@ OBJECTS = {
     "h": "float",
     "validated": "bool",
     "location": "str",
+    "camera": "str",
+    "datetime": "str",
 }
 
 # One row per crop written by the crop stage.
@@ -50,6 +53,8 @@ CROPS = {
     "file": "str",
     "label": "str",
     "location": "str",
+    "camera": "str",
+    "datetime": "str",
     "box_source": "str",  # ground_truth | detector
     "x": "float",  # box normalised to the image, [x, y, w, h]
     "y": "float",
@@ -58,12 +63,18 @@ CROPS = {
     "conf": "float",
 }
 
-# The crop table plus the split each crop's location went to.
-SPLIT = {**CROPS, "split": "str"}
+# The crop table plus the group the split kept whole (the location, or the camera's sequence) and its split.
+SPLIT = {**CROPS, "group": "str", "split": "str"}
+
+# Columns added after a table's first version: a table written without them (by an older run, or a cached
+# stage output) reads, and writes, with this value there. The split reports what an empty camera or datetime
+# means for sequence grouping.
+ADDED_LATER = {"camera": "", "datetime": "", "group": ""}
 
 
 def write_table(df: pd.DataFrame, path: Path, schema: dict[str, str]) -> None:
     """Write ``df`` with exactly the schema's columns, atomically."""
+    df = _with_added_columns(df, schema)
     missing = [c for c in schema if c not in df.columns]
     if missing:
         raise ValueError(f"table for {path.name} lacks columns {missing}")
@@ -77,7 +88,7 @@ def read_table(path: Path, schema: dict[str, str]) -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"table not found: {path} (was the previous stage's output passed in?)")
     text_cols = {c: "str" for c, t in schema.items() if t == "str"}
-    df = pd.read_csv(path, dtype=text_cols, keep_default_na=False)
+    df = _with_added_columns(pd.read_csv(path, dtype=text_cols, keep_default_na=False), schema)
     missing = [c for c in schema if c not in df.columns]
     if missing:
         raise PipelineError(f"{path}: missing columns {missing}")
@@ -89,6 +100,12 @@ def read_table(path: Path, schema: dict[str, str]) -> pd.DataFrame:
         elif kind == "bool":
             df[col] = df[col].astype(str).str.lower().eq("true")
     return df[list(schema)]
+
+
+def _with_added_columns(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
+    """``df`` with every :data:`ADDED_LATER` column of the schema that it lacks, at its default."""
+    absent = {c: v for c, v in ADDED_LATER.items() if c in schema and c not in df.columns}
+    return df.assign(**absent) if absent else df
 
 
 def test_fingerprint(split: pd.DataFrame) -> str:

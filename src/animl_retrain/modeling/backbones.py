@@ -55,16 +55,32 @@ def _new_model(arch: str, num_classes: int):
     return models.get_model(arch, weights=None, num_classes=num_classes)
 
 
+def head_layer(model, arch: str):
+    """The model's final Linear layer (the classification head)."""
+    from torch import nn
+
+    head = getattr(model, ARCHITECTURES[arch])
+    return head[-1] if isinstance(head, nn.Sequential) else head
+
+
+def swap_head(model, arch: str, module):
+    """Put ``module`` where the final Linear layer is (attribute or last item of a Sequential); return the old one."""
+    from torch import nn
+
+    attr = ARCHITECTURES[arch]
+    holder = getattr(model, attr)
+    if not isinstance(holder, nn.Sequential):
+        setattr(model, attr, module)
+        return holder
+    old, holder[-1] = holder[-1], module
+    return old
+
+
 def replace_head(model, arch: str, num_classes: int) -> None:
     """Swap the final Linear layer for one with ``num_classes`` outputs."""
     from torch import nn
 
-    attr = ARCHITECTURES[arch]
-    head = getattr(model, attr)
-    if isinstance(head, nn.Linear):
-        setattr(model, attr, nn.Linear(head.in_features, num_classes))
-    else:
-        head[-1] = nn.Linear(head[-1].in_features, num_classes)
+    swap_head(model, arch, nn.Linear(head_layer(model, arch).in_features, num_classes))
 
 
 def _load_state_dict(source: str) -> dict[str, Any]:

@@ -77,18 +77,26 @@ def pick_device(name: str):
     return torch.device(name)
 
 
-def predict(model, loader, preprocessing, device) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and targets for every item of ``loader``."""
+def predict_logits(model, loader, preprocessing, device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and targets for every item of ``loader``."""
     import torch
 
     model.eval()
-    probs, targets = [], []
+    logits, targets = [], []
     with (
         torch.inference_mode(),
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
     ):
         for x, y in loader:
-            logits = model(transforms.normalise(preprocessing, x.to(device, non_blocking=True)))
-            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            out = model(transforms.normalise(preprocessing, x.to(device, non_blocking=True)))
+            logits.append(out.float().cpu().numpy())
             targets.append(y.numpy())
-    return np.concatenate(probs), np.concatenate(targets)
+    return np.concatenate(logits), np.concatenate(targets)
+
+
+def predict(model, loader, preprocessing, device) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and targets for every item of ``loader``."""
+    from animl_retrain.modeling.metrics import softmax
+
+    logits, targets = predict_logits(model, loader, preprocessing, device)
+    return softmax(logits), targets

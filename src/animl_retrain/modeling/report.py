@@ -190,17 +190,23 @@ def render(
 def _operating_points_html(ops: dict) -> str:
     if not ops["invasive"]:
         return "<h2>Operating points</h2><p>The label spec marks no class as invasive.</p>"
-    target = ops["target_precision"]
+    target, floor = ops["target_precision"], ops.get("recall_floor", 0.0)
     out = [
-        f"<h2>Operating points (target precision {target:.2f})</h2>",
-        "<table><tr><th>invasive class</th><th>threshold</th><th>precision</th><th>recall</th><th>support</th>"
-        "<th>natives flagged</th><th>target met</th></tr>",
+        f"<h2>Operating points (target precision {target:.2f}{f', recall floor {floor:.2f}' if floor else ''})</h2>",
+        f"<p>Thresholds are chosen on {html.escape(str(ops.get('chosen_on', 'val')))} crops; precision and recall "
+        "below are measured on the test crops.</p>",
+        "<table><tr><th>invasive class</th><th>threshold</th><th>test precision</th><th>test recall</th>"
+        "<th>missed</th><th>support</th><th>natives flagged</th><th>target met</th></tr>",
     ]
     for label, p in ops["per_class"].items():
         met = "yes" if p["met"] else "<span class='warn'>no</span>"
+        recall = _fmt(p["recall"])
+        if p["support"] and p["recall"] is not None and p["recall"] < 0.5:
+            recall = f"<span class='warn'>{recall}</span>"
         out.append(
             f"<tr><td>{html.escape(label)}</td><td>{_fmt(p['threshold'])}</td><td>{_fmt(p['precision'])}</td>"
-            f"<td>{_fmt(p['recall'])}</td><td>{p['support']}</td><td>{p['native_flagged']}</td><td>{met}</td></tr>"
+            f"<td>{recall}</td><td>{p.get('missed', '')}</td><td>{p['support']}</td><td>{p['native_flagged']}</td>"
+            f"<td>{met}</td></tr>"
         )
     out.append("</table>")
     out.append(

@@ -25,7 +25,7 @@ from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
 from animl_retrain.formats import layout, tables
 from animl_retrain.modeling import transforms
-from animl_retrain.modeling.backbones import build_model, pretrained_normalisation
+from animl_retrain.modeling.backbones import build_model, head_layer, pretrained_normalisation
 from animl_retrain.modeling.checkpoint import data_key
 from animl_retrain.modeling.data import CropDataset, EpochSampler, decode_crops, make_loader
 from animl_retrain.modeling.inference import pick_device, predict
@@ -52,6 +52,8 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
     finished: bool = False
     stop_reason: str = ""
+    head: dict[str, Any] = field(default_factory=dict)  # the head phase of the two-phase recipe ({} if none)
+    temperature: float = 1.0
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Parts:
     scheduler: Any
     scaler: Any
     amp_dtype: Any  # None: full precision
+    freeze_norm: bool = False  # batch-norm layers keep their pretrained statistics while the weights train
 
 
 class NonFiniteLoss(Exception):
@@ -135,18 +138,36 @@ def build_criterion_and_sampler(cfg, targets: np.ndarray, n_classes: int):
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing), sampler
 
 
+def two_phase(cfg) -> bool:
+    """Whether ``cfg`` trains with the two-phase recipe: 'auto' means yes for pretrained weights, no from scratch."""
+    return cfg.recipe == "two-phase" or (cfg.recipe == "auto" and bool(cfg.weights))
+
+
 def build_optimizer(model, cfg):
-    """AdamW, or SGD with momentum; no weight decay on biases and normalisation layers."""
+    """AdamW, or SGD with momentum; no weight decay on biases and normalisation layers.
+
+    In the two-phase recipe the backbone learns at ``lr * backbone_lr_mult`` and the head at ``lr``: the head
+    starts fitted, the pretrained features should move slowly.
+    """
     import torch
 
-    decay, no_decay = [], []
+    head = {id(p) for p in head_layer(model, cfg.arch).parameters()}
+    backbone_lr = cfg.lr * (cfg.backbone_lr_mult if two_phase(cfg) else 1.0)
+    groups: dict[tuple[bool, bool], list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((id(p) in head, p.ndim > 1), []).append(p)
+    param_groups = [
+        {
+            "params": params,
+            "lr": cfg.lr if is_head else backbone_lr,
+            "weight_decay": cfg.weight_decay if decays else 0.0,
+        }
+        for (is_head, decays), params in sorted(groups.items())
+    ]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -223,6 +244,56 @@ class Trainer:
             on_epoch(metrics, epoch)
         log.info("train: stopped: %s; best epoch %d", progress.stop_reason, progress.best_epoch)
 
+    def fit_head(self, train_ds: CropDataset, val_ds: CropDataset) -> dict[str, Any]:
+        """Phase 1 of the two-phase recipe: fit the head on frozen features; it is the model to beat.
+
+        Features of every training crop and its mirror image are computed once; the head's L2 strength is chosen
+        on val (:func:`animl_retrain.modeling.head.choose_head`). The head-only model becomes epoch 0: fine-tuning
+        must beat its val score, or the head-only model is what training returns.
+        """
+        import torch
+
+        from animl_retrain.modeling import head
+
+        cfg, model, start = self.cfg, self.parts.model, time.perf_counter()
+        train_x = torch.cat(
+            [head.features(model, cfg.arch, train_ds.array, self.preprocessing, self.device, flip) for flip in (0, 1)]
+        )
+        val_x = head.features(model, cfg.arch, val_ds.array, self.preprocessing, self.device)
+        targets = np.concatenate([train_ds.targets, train_ds.targets])
+        weight = self.parts.criterion.weight
+        weight = None if weight is None else weight.cpu()
+        fit = head.choose_head(train_x, targets, val_x, val_ds.targets, self.labels, weight)
+        head.set_head(model, cfg.arch, fit.weight, fit.bias)
+        seconds = time.perf_counter() - start
+        progress = self.progress
+        progress.head = {"l2": fit.l2, "seconds": seconds, **fit.val, "grid": fit.grid}
+        progress.best, progress.best_epoch, progress.best_metrics = fit.val[cfg.monitor], 0, dict(fit.val)
+        progress.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        log.info(
+            "train: head on frozen features (l2 %g): val_top1 %.3f val_macro_f1 %.3f (%.1fs)",
+            fit.l2,
+            fit.val["val_top1"],
+            fit.val["val_macro_f1"],
+            seconds,
+        )
+        return {**fit.val, "epoch_seconds": seconds}
+
+    def calibrate(self) -> dict[str, float]:
+        """Fit a temperature on val and fold it into the head of the best model (call after :meth:`best_model`)."""
+        from animl_retrain.modeling import head
+        from animl_retrain.modeling.inference import predict_logits
+        from animl_retrain.modeling.metrics import calibration, softmax
+
+        logits, targets = predict_logits(self.parts.model, self.val_loader, self.preprocessing, self.device)
+        temperature = head.fit_temperature(logits, targets)
+        head.fold_temperature(self.parts.model, self.cfg.arch, temperature)
+        self.progress.temperature = temperature
+        before = calibration(targets, softmax(logits))["ece"]
+        after = calibration(targets, softmax(logits / temperature))["ece"]
+        log.info("train: temperature %.3f fitted on val (ECE %.3f -> %.3f)", temperature, before, after)
+        return {"temperature": temperature, "val_ece_before_temperature": before, "val_ece": after}
+
     def best_model(self):
         """The model with the best epoch's weights; an error when the monitored metric never was a number."""
         if self.progress.best_state is None:
@@ -250,7 +321,8 @@ def build_trainer(cfg, train_ds: CropDataset, val_ds: CropDataset, labels, prepr
     optimizer = build_optimizer(model, cfg)
     amp_dtype, scaler = build_amp(cfg, device)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    parts = Parts(model, criterion.to(device), optimizer, scheduler, scaler, amp_dtype)
+    freeze = two_phase(cfg) and cfg.freeze_bn_stats
+    parts = Parts(model, criterion.to(device), optimizer, scheduler, scaler, amp_dtype, freeze)
     progress = restore(state, parts) if state is not None else Progress()
     resumed_from = f"epoch {progress.epoch} step {progress.step}" if state is not None else ""
     return Trainer(cfg, parts, progress, sampler, train_loader, val_loader, preprocessing, device, labels, resumed_from)
@@ -264,6 +336,10 @@ def train_one_epoch(parts: Parts, loader, preprocessing, device, progress: Progr
     import torch
 
     parts.model.train()
+    if parts.freeze_norm:
+        for m in parts.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
     channels_last = device.type == "cuda"
     for x, y in loader:
         x = transforms.normalise(preprocessing, x.to(device, non_blocking=True))

@@ -119,6 +119,8 @@ def _row(meta, file: str, label: str, det: dict, source: str, annotation_id: str
         "file": file,
         "label": label,
         "location": meta["location"],
+        "camera": meta["camera"],
+        "datetime": meta["datetime"],
         "box_source": source,
         "x": x,
         "y": y,

@@ -376,6 +376,7 @@ def _image_rows(export: cct.Export, report: Report) -> dict[str, dict]:
             "file": file,
             "key": key,
             "location": location,
+            "camera": cct.camera_of(file),
             "datetime": img.get("datetime") or "",
             "width": img.get("width"),
             "height": img.get("height"),
@@ -424,6 +425,8 @@ def _object_rows(
                 "h": h,
                 "validated": ann.get("validated") is not False,
                 "location": images[iid]["location"],
+                "camera": images[iid]["camera"],
+                "datetime": images[iid]["datetime"],
             }
         )
     report.details["dropped"] = dict(dropped)

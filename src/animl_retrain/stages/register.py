@@ -4,7 +4,9 @@ The model is logged as a pyfunc (:mod:`animl_retrain.integrations.mlflow.pyfunc`
 under ``name`` with tags (KFP run id, export fingerprint, validated-annotation fingerprint and count, where the
 export is archived, label index, preprocessing, test-set fingerprint, test macro-F1, and the invasive classes'
 confidence thresholds with the run artifact that explains them). It always gets the ``challenger`` alias;
-``champion`` moves to it only when there is no champion or it beats the champion's macro-F1 on the same test set.
+``champion`` moves to it only when there is no champion or it beats the champion's macro-F1 on the same test set
+beyond the noise of that test set (the paired interval over resampled test locations lies above zero; a tie keeps
+the champion).
 An evaluation that did not complete never moves it.
 """
 
@@ -48,27 +50,42 @@ class RegisterResult(BaseModel):
 
 
 def decide(evaluation: dict, current_champion) -> tuple[bool, str]:
-    """Whether the challenger should become champion, and why.
+    """Whether the challenger should become champion, and why: only when it is better beyond the test set's noise.
 
     ``current_champion`` is the registry's champion now (:func:`registry.champion`, or None); the evaluation holds
-    the scores of the champion it compared against. A champion that moved since then is compared through its tags.
+    the champion it scored on the same test crops and, when it resampled the test locations, the paired interval
+    of the macro-F1 difference: the challenger is promoted when the whole interval lies above zero, and a tie
+    (an interval around zero) keeps the champion. A champion that moved since the evaluation is compared through
+    its tags: the challenger's interval must then lie above the champion's macro-F1.
     """
     ours = evaluation["model"]["macro_f1"]
     if current_champion is None:
         return True, "no champion yet"
-    scored = evaluation.get("champion")
+    version = f"champion v{current_champion.version}"
+    scored, comparison = evaluation.get("champion"), evaluation.get("comparison")
     if scored and scored["version"] == str(current_champion.version):
         theirs = scored["macro_f1"]
+        if comparison and comparison.get("champion_version") == scored["version"]:
+            low, high = comparison["interval"]
+            span = f"macro-F1 {ours:.4f} vs {theirs:.4f}, {comparison['level']:.0%} interval of the difference "
+            span += f"[{low:+.4f}, {high:+.4f}]"
+            if comparison["verdict"] == "better":
+                return True, f"{span}: better than {version} beyond the noise of the test set"
+            if comparison["verdict"] == "tie":
+                return False, f"{span}: a tie with {version} within the noise of the test set; keeping the champion"
+            return False, f"{span}: worse than {version}"
     elif current_champion.tags.get("test_fingerprint") == evaluation["test_fingerprint"]:
         theirs = float(current_champion.tags.get("test_macro_f1", "nan"))
+        low = ((evaluation["model"].get("ci") or {}).get("macro_f1") or [None])[0]
+        if low is not None and math.isfinite(theirs):
+            if low > theirs:
+                return True, f"macro-F1 {ours:.4f} (interval from {low:.4f}) beats {version}'s {theirs:.4f}"
+            return False, f"macro-F1 {ours:.4f} (interval from {low:.4f}) does not clear {version}'s {theirs:.4f}"
     else:
-        return False, (
-            f"champion v{current_champion.version} was not scored on this test set; "
-            "keeping it (re-run evaluation to compare)"
-        )
+        return False, f"{version} was not scored on this test set; keeping it (re-run evaluation to compare)"
     if math.isfinite(theirs) and ours <= theirs:
-        return False, f"macro-F1 {ours:.4f} does not beat champion v{current_champion.version}'s {theirs:.4f}"
-    return True, f"macro-F1 {ours:.4f} beats champion v{current_champion.version}'s {theirs:.4f}"
+        return False, f"macro-F1 {ours:.4f} does not beat {version}'s {theirs:.4f}"
+    return True, f"macro-F1 {ours:.4f} beats {version}'s {theirs:.4f}"
 
 
 def _read_inputs(cfg: RegisterConfig) -> tuple[dict, str, dict[str, str]]:

@@ -42,15 +42,27 @@ class TrainConfig(StageConfig):
         "backbone",
         description="input normalisation: the backbone's pretraining statistics, ImageNet's, or none (pixels/255)",
     )
-    epochs: int = Field(10, ge=1, le=1000, description="maximum number of epochs")
+    recipe: Literal["auto", "two-phase", "end-to-end"] = Field(
+        "auto",
+        description="two-phase: fit the head on frozen features, then fine-tune everything from it (kept only if "
+        "it beats the head on val); end-to-end: train everything at once; auto: two-phase with pretrained weights",
+    )
+    backbone_lr_mult: float = Field(
+        0.1, gt=0, le=1, description="two-phase: the backbone's learning rate is lr times this (the head's is lr)"
+    )
+    freeze_bn_stats: bool = Field(
+        True, description="two-phase: batch-norm layers keep their pretrained statistics while fine-tuning"
+    )
+    calibrate: bool = Field(True, description="fit a temperature on val and fold it into the model's head")
+    epochs: int = Field(10, ge=1, le=1000, description="maximum number of epochs (of fine-tuning, in two-phase)")
     batch_size: int = Field(32, ge=1, le=4096, description="images per step")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with momentum")
     lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (0 = plain SGD)")
-    weight_decay: float = Field(1e-4, ge=0, description="weight decay")
+    weight_decay: float = Field(0.05, ge=0, description="weight decay (decoupled, for AdamW)")
     lr_schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="learning-rate schedule")
     warmup_epochs: float = Field(0.0, ge=0, le=100, description="linear LR warm-up, in epochs")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
     balance: Literal["sampler", "loss", "none"] = Field(
         "loss", description="class imbalance: a balanced sampler, inverse-frequency loss weights, or nothing"
     )
@@ -119,9 +131,19 @@ def run(cfg: TrainConfig) -> TrainResult:
                 if store is not None:
                     store.save(checkpoint.snapshot(trainer.parts, trainer.progress, settings, data, mlflow_run.run_id))
 
+            if training.two_phase(cfg) and state is None:
+                mlflow_run.log_epoch(trainer.fit_head(train_ds, val_ds), 0)
+                save()
             trainer.fit(save, mlflow_run.log_epoch, report)
             model = trainer.best_model()
-            mlflow_run.finish(trainer.progress)
+            if trainer.progress.head and trainer.progress.best_epoch == 0:
+                report.problem(
+                    "fine-tuning kept out",
+                    f"{len(trainer.progress.history)} epoch(s)",
+                    f"no epoch beat the head on frozen features on val {cfg.monitor}; the head-only model is kept",
+                )
+            calibrated = trainer.calibrate() if cfg.calibrate else {}
+            mlflow_run.finish(trainer.progress, calibrated)
 
     _write_outputs(cfg, model, labels, index, preprocessing, trainer.progress, mlflow_run.run_id)
     return _finish(cfg, report, trainer, sizes, mlflow_run.run_id, location, device)
@@ -145,6 +167,9 @@ def _finish(cfg: TrainConfig, report: Report, trainer, sizes: dict[str, int], ru
         resumed_from=trainer.resumed_from,
         checkpoint_uri=location,
         history=progress.history,
+        recipe="two-phase" if progress.head else "end-to-end",
+        head=progress.head,
+        temperature=progress.temperature,
     )
     report.finish(cfg.out)
     return TrainResult(
@@ -168,6 +193,7 @@ def _write_outputs(cfg, model, labels, index, preprocessing, progress: training.
         epoch=progress.best_epoch,
         config=cfg.model_dump(mode="json"),
         metrics=progress.best_metrics,
+        temperature=progress.temperature,
     )
     write_json(out / layout.LABEL_INDEX_FILE, index)
     write_json(out / layout.PREPROCESSING_FILE, preprocessing.to_json())

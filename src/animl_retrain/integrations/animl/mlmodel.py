@@ -68,7 +68,7 @@ def _per_class(data: Any, labels: list[str]) -> dict[str, float]:
     out = {}
     for label, value in data.items():
         t = _threshold(value)
-        if isinstance(value, dict) and value.get("met") is False:
+        if isinstance(value, dict) and value.get("met") is False and not value.get("floor_binding"):
             log.warning("operating point of %r does not meet its target precision; using the default", label)
         elif label in labels and t is not None:
             out[label] = t
@@ -99,7 +99,8 @@ def read_operating_points(
     Accepted shapes: a default under ``defaultConfThreshold``/``default_threshold``/``default``/``threshold``;
     per-class thresholds under ``per_class``/``classes``/``thresholds``/``invasive`` as ``{label: x}``,
     ``{label: {"threshold": x}}`` or a list of ``{"label": ..., "threshold": ...}``. Values outside (0, 1] and
-    labels the model does not have, and points marked ``"met": false``, are ignored (and logged); with no default
+    labels the model does not have, and points marked ``"met": false`` (unless a recall floor chose them:
+    ``"floor_binding": true``), are ignored (and logged); with no default
     found, the default is :data:`DEFAULT_THRESHOLD` (per-class thresholds go to the automation rule's
     ``categoryConfig``, not to the model-wide default).
     """

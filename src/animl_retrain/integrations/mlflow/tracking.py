@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from animl_retrain.core.errors import PipelineError
+from animl_retrain.core.io import json_safe
 from animl_retrain.core.logging import log, redact_url
 from animl_retrain.formats.model_folder import LABEL_INDEX_FILE, PREPROCESSING_FILE
 
@@ -65,7 +66,7 @@ def log_to_run(
         if tags:
             mlflow.set_tags(tags)
         for path, data in (dicts or {}).items():
-            mlflow.log_dict(data, path)
+            mlflow.log_dict(json_safe(data), path)
         for path, text in (texts or {}).items():
             mlflow.log_text(text, path)
         if artifacts:
@@ -120,13 +121,15 @@ class TrainingRun:
 
         mlflow.log_metrics(metrics, step=epoch)
 
-    def finish(self, progress) -> None:
-        """The best epoch and its metrics, and why training stopped."""
+    def finish(self, progress, calibrated: dict[str, float] | None = None) -> None:
+        """The best epoch (0: the two-phase recipe's head-only model), its metrics, the temperature, the stop reason."""
         import mlflow
 
         best = progress.best_metrics
-        mlflow.log_metrics({"best_epoch": progress.best_epoch, **{f"best_{k}": v for k, v in best.items()}})
-        mlflow.set_tag("stop_reason", progress.stop_reason)
+        mlflow.log_metrics(
+            {"best_epoch": progress.best_epoch, **{f"best_{k}": v for k, v in best.items()}, **(calibrated or {})}
+        )
+        mlflow.set_tags({"stop_reason": progress.stop_reason, "recipe": "two-phase" if progress.head else "end-to-end"})
 
 
 @contextlib.contextmanager
