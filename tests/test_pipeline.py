@@ -123,7 +123,7 @@ print(json.dumps(out.iloc[0].to_dict()))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     probs = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(probs) == {"bird", "fox", "lizard", "rodent", "skunk"}
+    assert set(probs) == {"bird", "deer_mouse", "fox", "lizard", "rat", "skunk"}
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
 
     # A scheduled run pulls the same labels from Animl itself; incremental mode sees nothing new and skips training.

@@ -50,7 +50,7 @@ def test_checkpoint_describes_itself_and_mlflow_has_the_run(trained):
     out, result = trained
     ckpt = load_checkpoint(out / layout.MODEL_FILE)
     assert ckpt["arch"] == "mobilenet_v3_small"
-    assert ckpt["labels"] == ["bird", "fox", "lizard", "rodent", "skunk"]
+    assert ckpt["labels"] == ["bird", "deer_mouse", "fox", "lizard", "rat", "skunk"]
     assert ckpt["preprocessing"]["image_size"] == 32 and ckpt["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
     run = mlflow.get_run(result.mlflow_run_id)
     assert run.data.params["arch"] == "mobilenet_v3_small"
@@ -67,17 +67,17 @@ def test_evaluation_metrics(evaluated, trained):
     metrics = read_json(out / layout.METRICS_FILE)
     assert metrics["status"] == "complete" and metrics["champion"] is None
     model = metrics["model"]
-    assert set(model["per_class"]) == {"bird", "fox", "lizard", "rodent", "skunk"}
+    assert set(model["per_class"]) == {"bird", "deer_mouse", "fox", "lizard", "rat", "skunk"}
     assert sum(map(sum, model["confusion_matrix"])) == model["n"] == result.test_crops
     assert 0 <= model["top1"] <= model["top3"] <= 1
     assert "| class | precision |" in (out / "summary.md").read_text()
     run = mlflow.get_run(trained[1].mlflow_run_id)
     assert run.data.metrics["test_macro_f1"] == pytest.approx(result.macro_f1)
     assert run.data.metrics["test_ece"] == pytest.approx(metrics["calibration"]["ece"])
-    # the demo's label spec marks rodent invasive: its threshold travels as a tag and an artifact
+    # the demo's label spec marks rat invasive (and its look-alike, the deer mouse, native): its threshold travels as a tag and an artifact
     thresholds = read_json(out / layout.THRESHOLDS_FILE)
-    assert thresholds["format"] == "animl-retrain-thresholds/1" and thresholds["invasive"] == ["rodent"]
-    assert set(thresholds["thresholds"]) == {"rodent"} and 0 <= thresholds["thresholds"]["rodent"] <= 1
+    assert thresholds["format"] == "animl-retrain-thresholds/1" and thresholds["invasive"] == ["rat"]
+    assert set(thresholds["thresholds"]) == {"rat"} and 0 <= thresholds["thresholds"]["rat"] <= 1
     assert json.loads(run.data.tags["invasive_thresholds"]) == thresholds["thresholds"] == result.thresholds
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/report.html", "evaluation/thresholds.json", "evaluation/reliability.png"} <= artifacts

@@ -3,13 +3,15 @@
 The format follows Microsoft's CameraTraps classification label spec: top-level keys are output labels, each
 with ``dataset_labels`` (dataset name -> list of label names). A plain list is accepted as shorthand. Animl
 labels are matched by name, case- and space-insensitively, never by category id (ids change between
-exports). ``invasive: true`` marks classes that Animl should flag.
+exports). ``invasive: true`` marks classes that Animl should flag. Keep a native species out of an invasive
+class: merging the native deer mouse with the invasive rat into one ``rodent`` class flags every mouse.
 
 ```json
 {
-  "fox":    {"dataset_labels": {"animl": ["fox", "island fox"]}},
-  "rodent": {"dataset_labels": {"animl": ["rodent", "mouse", "rat"]}, "invasive": true},
-  "skunk":  ["skunk", "striped skunk"]
+  "deer_mouse": {"dataset_labels": {"animl": ["deer mouse", "mouse"]}},
+  "fox":        {"dataset_labels": {"animl": ["fox", "island fox"]}},
+  "rat":        {"dataset_labels": {"animl": ["rat", "black rat"]}, "invasive": true},
+  "skunk":      ["skunk", "island spotted skunk"]
 }
 ```
 """

@@ -1,10 +1,15 @@
 """A deterministic demo Animl project: synthetic camera-trap frames and an Animl-shaped COCO export.
 
-Five classes a small network can tell apart (fox, skunk, rodent, bird, lizard), drawn on distinct "location"
+Six classes (fox, skunk, deer mouse, rat, bird, lizard), drawn on distinct "location"
 backgrounds (one per camera deployment, some shot at night in infrared grayscale), with the quirks of real
 exports: image ids containing ':', categories defined but never used, full-frame ``empty`` boxes, images
 without ``width``/``height``, objects nobody reviewed, several animals in one frame, and Animl labels that
-the label spec merges (``mouse`` -> rodent, ``scrub jay`` -> bird).
+the label spec merges (``mouse`` -> deer_mouse, ``scrub jay`` -> bird).
+
+The native/invasive pair is the one Santa Cruz Island's biosecurity work turns on: the native deer mouse and the
+invasive black rat, two small brown rodents of the same shape. The rat is darker, greyer and has small ears, a
+long thick tail and no white belly; at night in infrared only brightness and shape tell them apart. So the demo's
+invasive threshold, chosen on val, meets the confusion that matters: a deer mouse flagged as a rat.
 """
 
 from __future__ import annotations
@@ -27,20 +32,22 @@ CATEGORIES = [
     "animal",
     "fox",
     "skunk",
-    "rodent",
+    "deer mouse",
     "mouse",
+    "rat",
     "bird",
     "scrub jay",
     "lizard",
     "deer",
     "cat",
 ]
-SPECIES = ["fox", "skunk", "rodent", "mouse", "bird", "scrub jay", "lizard"]
+SPECIES = ["fox", "skunk", "deer mouse", "mouse", "rat", "bird", "scrub jay", "lizard"]
 LABEL_SPEC = {
     "bird": {"dataset_labels": {"animl": ["bird", "scrub jay"]}},
+    "deer_mouse": {"dataset_labels": {"animl": ["deer mouse", "mouse"]}},  # native: never flag it
     "fox": {"dataset_labels": {"animl": ["fox"]}},
     "lizard": {"dataset_labels": {"animl": ["lizard"]}},
-    "rodent": {"dataset_labels": {"animl": ["rodent", "mouse", "rat"]}, "invasive": True},
+    "rat": {"dataset_labels": {"animl": ["rat", "black rat"]}, "invasive": True},
     "skunk": {"dataset_labels": {"animl": ["skunk"]}},
 }
 SITES = [
@@ -140,12 +147,16 @@ def _draw_animal(
         draw.ellipse(rect(0.65, 0.0, 1.0, 0.5), fill=colour((30, 30, 30)))
         draw.rectangle(rect(0.1, 0.45, 0.9, 0.55), fill=colour((245, 245, 245)))
         draw.line([px(0.82, 0.1), px(0.82, 0.4)], fill=(250, 250, 250), width=thick)
-    elif species in ("rodent", "mouse"):
-        fur = colour((135, 115, 95) if species == "rodent" else (150, 140, 130))
-        draw.ellipse(rect(0.25, 0.35, 0.85, 0.9), fill=fur)
-        for e in (0.72, 0.82):
-            draw.ellipse(rect(e, 0.2, e + 0.12, 0.45), fill=colour((215, 160, 160)))
-        draw.line([px(0.28, 0.7), px(0.15, 0.55), px(0.02, 0.75)], fill=colour((200, 150, 140)), width=thick)
+    elif species in ("deer mouse", "mouse"):  # native: tan back, white belly, big ears, thin tail
+        draw.ellipse(rect(0.25, 0.35, 0.85, 0.9), fill=colour((160, 120, 80)))
+        draw.ellipse(rect(0.35, 0.65, 0.8, 0.9), fill=colour((235, 230, 220)))
+        for e in (0.7, 0.82):
+            draw.ellipse(rect(e, 0.15, e + 0.14, 0.45), fill=colour((215, 160, 160)))
+        draw.line([px(0.28, 0.7), px(0.15, 0.6), px(0.05, 0.7)], fill=colour((190, 150, 130)), width=max(1, thick // 2))
+    elif species == "rat":  # invasive: the same shape, grey-brown all over, small ears, long thick tail
+        draw.ellipse(rect(0.25, 0.35, 0.88, 0.9), fill=colour((95, 85, 78)))
+        draw.ellipse(rect(0.76, 0.28, 0.86, 0.42), fill=colour((150, 120, 120)))
+        draw.line([px(0.28, 0.75), px(0.12, 0.6), px(0.0, 0.8)], fill=colour((170, 135, 125)), width=thick)
     elif species in ("bird", "scrub jay"):
         plumage = colour((40, 90, 200) if species == "scrub jay" else (70, 110, 190))
         draw.ellipse(rect(0.2, 0.3, 0.8, 0.8), fill=plumage)
@@ -205,7 +216,7 @@ def generate(
             for _ in range(1 + int(rng.random() < 0.2)):
                 species = pool[int(rng.integers(len(pool)))]
                 scale = rng.uniform(0.18, 0.42) * size[1]
-                aspect = {"lizard": 1.9, "skunk": 1.5, "fox": 1.4}.get(species, 1.2)
+                aspect = {"lizard": 1.9, "skunk": 1.5, "fox": 1.4, "rat": 1.4}.get(species, 1.2)
                 w, h = min(scale * aspect, size[0] * 0.8), scale
                 x, y = rng.uniform(0, size[0] - w), rng.uniform(size[1] * 0.25, size[1] - h)
                 _draw_animal(draw, species, (x, y, w, h), rng, 1 if rng.random() < 0.5 else -1)
