@@ -109,7 +109,7 @@ def test_only_detection_and_training_ask_for_a_gpu_node(spec, k8s_config):
         else:
             assert "accelerator" not in resources, name
             assert not config.tolerations and not config.node_selector.labels and not config.empty_dir_mounts, name
-    assert spec.root.input_definitions.parameters["train_gpus"].default_value.number_value == 1
+    assert spec.root.input_definitions.parameters["train_gpus"].default_value.string_value == "1"
 
 
 def test_every_task_has_cpu_and_memory_requests_and_limits(spec, k8s_config):

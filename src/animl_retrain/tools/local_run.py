@@ -128,8 +128,10 @@ def run_local(params: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
     import kfp.local
 
     from animl_retrain.pipelines.retrain import PIPELINE_NAME, retrain_pipeline
+    from animl_retrain.tools.kubeflow import normalise_gpus
 
     _check_params(params)
+    params = normalise_gpus(params)  # the pipeline takes train_gpus as a string; a YAML 1 is fine
     pipeline_root = Path(pipeline_root).resolve()
     params = protect_parameters(params, pipeline_root)
     pipeline_root.mkdir(parents=True, exist_ok=True)
