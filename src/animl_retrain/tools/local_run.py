@@ -123,8 +123,12 @@ def _check_params(params: dict[str, Any]) -> None:
         raise PipelineError(f"missing pipeline parameters {missing}")
 
 
-def run_local(params: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
-    """Run the pipeline locally; return the summary built from every stage's report."""
+def run_local(params: dict[str, Any], pipeline_root: Path, runner: Any = None) -> dict[str, Any]:
+    """Run the pipeline locally; return the summary built from every stage's report.
+
+    ``runner`` is kfp.local's runner: by default the SubprocessRunner in this virtualenv; a
+    ``kfp.local.DockerRunner`` runs every task in the project's images instead (``make test-images``).
+    """
     import kfp.local
 
     from animl_retrain.pipelines.retrain import PIPELINE_NAME, retrain_pipeline
@@ -136,7 +140,7 @@ def run_local(params: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
     params = protect_parameters(params, pipeline_root)
     pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp.local.init(
-        runner=kfp.local.SubprocessRunner(use_venv=False),
+        runner=runner or kfp.local.SubprocessRunner(use_venv=False),
         pipeline_root=str(pipeline_root),
         raise_on_error=True,
     )
