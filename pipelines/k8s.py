@@ -41,6 +41,7 @@ from animl_retrain.integrations.animl.client import SECRET_KEYS as ANIML_KEYS
 from animl_retrain.integrations.animl.client import (
     SECRET_NAME as ANIML_SECRET,  # the dedicated Animl user; absent for files
 )
+from animl_retrain.integrations.aws.sagemaker import DEPLOY_KEYS as AWS_DEPLOY_KEYS
 
 # Kubernetes objects the tasks read, created from manifests/: names and keys only.
 S3_SECRET = "animl-s3"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; may be absent (IRSA on EKS)
@@ -50,9 +51,9 @@ S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MLFLOW_URI_KEY = "MLFLOW_TRACKING_URI"
 MLFLOW_AUTH_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # Animl's AWS account for deploy (SageMaker, SSM, the model bucket); absent with IRSA. No S3 endpoint override:
-# the model bucket is on AWS even where the pipeline's own data sits in SeaweedFS.
+# the model bucket is on AWS even where the pipeline's own data sits in SeaweedFS. Their own names
+# (ANIML_DEPLOY_AWS_*): as AWS_ACCESS_KEY_ID they would outrank IRSA for the launcher's artifact transfer too.
 AWS_DEPLOY_SECRET = "animl-aws-deploy"
-AWS_DEPLOY_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 SETTINGS_KEYS = ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 
 GPU_RESOURCE = "nvidia.com/gpu"
