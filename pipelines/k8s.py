@@ -55,6 +55,7 @@ MLFLOW_AUTH_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # (ANIML_DEPLOY_AWS_*): as AWS_ACCESS_KEY_ID they would outrank IRSA for the launcher's artifact transfer too.
 AWS_DEPLOY_SECRET = "animl-aws-deploy"
 SETTINGS_KEYS = ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+KFP_API_POD_LABEL = "access-ml-pipeline"  # Kubeflow's PodDefault for in-cluster KFP API access selects it
 
 GPU_RESOURCE = "nvidia.com/gpu"
 # Defaults: the label NVIDIA's GPU operator (GPU feature discovery) puts on GPU nodes, and the taint that
@@ -162,6 +163,10 @@ def stage(name: str, task: dsl.PipelineTask, gpus: str | PipelineChannel = "1") 
             backoff_factor=RETRY_BACKOFF_FACTOR,
             backoff_max_duration=f"{retry_window(profile)}s",
         )
+    if name == "status" and not backends.current().final_status:
+        # The status step asks the KFP API for the run's state there; on multi-user Kubeflow, this label lets the
+        # namespace's PodDefault 'access-ml-pipeline' mount a token for it (docs/kubeflow.md).
+        kubernetes.add_pod_label(task, KFP_API_POD_LABEL, "true")
     task.set_caching_options(profile.cache)
     if backends.current().security_context:  # 2.14-2.15 refuse the field, older backends ignore it
         kubernetes.set_security_context(task, run_as_non_root=True)

@@ -179,3 +179,12 @@ def test_a_number_parameter_for_a_gpu_count_is_refused_when_the_pipeline_is_buil
         @dsl.pipeline
         def bad(gpus: int = 1):
             k8s.stage("train", noop(n=gpus), gpus=gpus)
+
+
+def test_without_a_final_status_the_status_step_may_reach_the_kfp_api(variant):
+    """Its pod carries the label Kubeflow's PodDefault 'access-ml-pipeline' selects (a token for the API)."""
+    target, _, platform = variant
+    labels = executors(platform)
+    status = next(config for name, config in labels.items() if name.startswith("exec-record-status"))
+    label = status.get("podMetadata", {}).get("labels", {}).get(k8s.KFP_API_POD_LABEL)
+    assert label == (None if target.final_status else "true")
