@@ -6,12 +6,14 @@ every run of this Kubeflow run (found by the ``kfp_run_id`` tag the train stage 
 training run whose pod was killed (out of memory, node lost) stays RUNNING in MLflow forever; when the
 pipeline did not succeed, such runs are marked FAILED here.
 
-The state arrives as the backend names it: the driver hands the exit handler the ML Metadata state of the
-block (``GetLastKnownState().String()``, ``backend/src/v2/driver/resolve.go`` at 2.16.0): COMPLETE, CACHED,
-FAILED, CANCELED, RUNNING, ...; kfp.local says SUCCEEDED. A block with a branch not taken (``deploy=False``, the
-incremental skip) is left RUNNING, yet the exit handler runs only after every task in it ended, so RUNNING means
-nothing failed. :func:`outcome` maps them all to SUCCEEDED, FAILED or CANCELED. Where the backend cannot pass the
-final status at all (up to 2.5), ``state`` is empty and the stage asks the KFP API for the run's task states.
+The state arrives as the backend names it: the driver hands the exit handler the ML Metadata state of the block
+(``GetLastKnownState().String()``, ``backend/src/v2/driver/resolve.go`` at 2.16.0): COMPLETE, CACHED, FAILED,
+CANCELED, RUNNING, ...; kfp.local says SUCCEEDED. A block with a branch not taken (``deploy=False``, the incremental
+skip) is left RUNNING: the DAG becomes COMPLETE only when all its tasks are (``UpdateDAGExecutionsState``,
+``backend/src/v2/metadata/client.go`` at 2.16.0), and a skipped one never is; yet the exit handler runs only after
+every task in it ended, so RUNNING means nothing failed. :func:`outcome` maps them all to SUCCEEDED, FAILED or
+CANCELED. Where the backend cannot pass the final status at all (up to 2.5), ``state`` is empty and the stage asks
+the KFP API for the run's task states.
 
 Recording must not hide the pipeline's own outcome: a missing or unreachable tracking server is written into
 ``status.json`` and the log, and the task still succeeds.
