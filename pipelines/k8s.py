@@ -13,8 +13,8 @@ so the same pipeline still runs on one machine.
   compiled pipeline names the Secret and its keys, never a value, and no parameter carries a credential.
 - **Retries** with exponential backoff on the stages that talk to S3 or MLflow, and on training and detection,
   whose GPU node may be a preempted spot instance (a retried train task resumes from its checkpoint, detect from
-  its shards). Argo counts ``backoff.maxDuration`` from the first attempt's start and ends any attempt still
-  running then (argo-workflows ``workflow/controller/operator.go``, v3.5-v4.0), so each retried stage's window
+  its shards). Argo counts ``backoff.maxDuration`` from the first attempt's start, retries nothing after it
+  and gives each retry that deadline (argo-workflows ``workflow/controller/operator.go``, v3.5-v4.0), so each retried stage's window
   is its worst-case attempt times the attempts, plus the backoffs (:func:`retry_window`). Argo retries a pod
   whose container failed (a graceful node shutdown, a SIGTERM): KFP sets no ``retryPolicy`` at any tag, and
   Argo's default ``OnFailure`` does not retry a pod that was deleted outright (node gone: the node is an

@@ -127,8 +127,8 @@ def test_gpu_counts_come_from_string_parameters(variant):
 
 
 def test_retry_windows_outlast_every_attempt(variant):
-    """Argo counts backoff.maxDuration from the first attempt's start and stops retrying, and ends a running
-    attempt, at that deadline (argo-workflows workflow/controller/operator.go, v3.5.14-v4.0.5, the versions
+    """Argo counts backoff.maxDuration from the first attempt's start, stops retrying at that deadline and gives
+    each retry it as its execution deadline (argo-workflows workflow/controller/operator.go, v3.5.14-v4.0.5, the versions
     KFP 2.5-2.17 vendor); KFP passes backoffMaxDuration through unchanged (argocompiler/container.go)."""
     _, spec, _ = variant
     by_stage = {t["taskInfo"]["name"]: t for t in all_tasks(spec).values()}
@@ -170,7 +170,7 @@ def test_patch_releases_and_kubeflow_releases_map_to_a_variant():
 def test_a_number_parameter_for_a_gpu_count_is_refused_when_the_pipeline_is_built():
     from kfp import dsl
 
-    @dsl.component
+    @dsl.component(base_image="python:3.11")
     def noop(n: int):
         pass
 
