@@ -11,15 +11,15 @@ so the same pipeline still runs on one machine.
   because a neighbour grew.
 - **Secrets** reach the containers as environment variables from Kubernetes Secrets (see ``manifests/``): the
   compiled pipeline names the Secret and its keys, never a value, and no parameter carries a credential.
-- **Retries** with exponential backoff on the stages that talk to S3 or MLflow, and on training and detection,
-  whose GPU node may be a preempted spot instance (a retried train task resumes from its checkpoint, detect from
-  its shards). Argo counts ``backoff.maxDuration`` from the first attempt's start, retries nothing after it
-  and gives each retry that deadline (argo-workflows ``workflow/controller/operator.go``, v3.5-v4.0), so each retried stage's window
-  is its worst-case attempt times the attempts, plus the backoffs (:func:`retry_window`). Argo retries a pod
-  whose container failed (a graceful node shutdown, a SIGTERM): KFP sets no ``retryPolicy`` at any tag, and
-  Argo's default ``OnFailure`` does not retry a pod that was deleted outright (node gone: the node is an
-  Error); retry the run then (it keeps its run id, so train resumes from its checkpoint). A stage's own
-  bad-input error is retried too (Kubeflow cannot tell them apart) and fails the same way 90 s later.
+- **Retries** with exponential backoff on the stages that talk to S3 or MLflow, and on training and detection, whose
+  GPU node may be a preempted spot instance (a retried train task resumes from its checkpoint, detect from its
+  shards). Argo counts ``backoff.maxDuration`` from the first attempt's start, retries nothing after it and gives
+  each retry that deadline (argo-workflows ``workflow/controller/operator.go``, v3.5-v4.0), so each retried stage's
+  window is its worst-case attempt times the attempts, plus the backoffs (:func:`retry_window`). Argo retries a pod
+  whose container failed (a graceful node shutdown, a SIGTERM): KFP sets no ``retryPolicy`` at any tag, and Argo's
+  default ``OnFailure`` does not retry a pod that was deleted outright (node gone: the node is an Error); retry the
+  run then (it keeps its run id, so train resumes from its checkpoint). A stage's own bad-input error is retried too
+  (Kubeflow cannot tell them apart) and fails the same way 90 s later.
 - **Caching** is off where a cached result would be wrong: stages with side effects (train, register, the exit
   handler) and stages whose input can change behind the same parameters (export re-reads an export that Animl
   may have rewritten at the same URI; evaluate compares with whatever model is champion now).

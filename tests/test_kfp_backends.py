@@ -128,8 +128,9 @@ def test_gpu_counts_come_from_string_parameters(variant):
 
 def test_retry_windows_outlast_every_attempt(variant):
     """Argo counts backoff.maxDuration from the first attempt's start, stops retrying at that deadline and gives
-    each retry it as its execution deadline (argo-workflows workflow/controller/operator.go, v3.5.14-v4.0.5, the versions
-    KFP 2.5-2.17 vendor); KFP passes backoffMaxDuration through unchanged (argocompiler/container.go)."""
+    each retry it as its execution deadline (argo-workflows workflow/controller/operator.go, v3.5.14-v4.0.5,
+    the versions KFP 2.5-2.17 vendor); KFP passes backoffMaxDuration through unchanged (argocompiler/container.go).
+    """
     _, spec, _ = variant
     by_stage = {t["taskInfo"]["name"]: t for t in all_tasks(spec).values()}
     retried = {name for name, task in by_stage.items() if "retryPolicy" in task}

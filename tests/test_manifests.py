@@ -79,7 +79,7 @@ def test_strict_validation_rejects_an_unknown_field():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_workloads_are_non_root_with_resources_and_probes(overlay):
+def test_workloads_are_non_root_with_resources_and_probes_under_restricted_pod_security(overlay):
     docs = render(overlay)
     workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
     assert "mlflow" in {w["metadata"]["name"] for w in workloads}
@@ -92,6 +92,10 @@ def test_workloads_are_non_root_with_resources_and_probes(overlay):
             assert container.get("readinessProbe") and container.get("livenessProbe"), container["name"]
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
             assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        # Pod Security Standards "restricted" (so baseline too): seccomp, no host namespaces or paths.
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+        assert not any("hostPath" in v for v in pod.get("volumes", []))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
