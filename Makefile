@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export ANIML_STATE_DIR ?= $(CURDIR)/.state
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run stop clean test test-fast lint format compile lock images bench
+.PHONY: help venv run stop clean test test-fast test-images lint format compile lock images bench
 
 # Container images (docker/): $(IMAGE_REGISTRY)/animl-retrain-{cpu,ml,mlflow,serving}:$(IMAGE_TAG). Export the same two
 # variables when you run `animl-retrain submit/schedule`, so the pipeline names the images you pushed.
@@ -17,6 +17,9 @@ IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGES := cpu ml mlflow serving
 DOCKER ?= docker
 DOCKER_PLATFORM ?= linux/amd64
+# The images' base (docker/*.Dockerfile ARG PYTHON_IMAGE): empty keeps python:3.11-slim-bookworm; a mirror's copy
+# or a locally built image works the same (docs/kubeflow.md, "Images").
+PYTHON_IMAGE ?=
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +47,9 @@ clean: stop ## stop the services and delete the local state (S3 data, MLflow dat
 test: lint ## lint, then every test that needs no GPU and is not marked slow
 	$(BIN)/pytest -m "not slow and not gpu"
 
+test-images: $(STAMP) ## slow: build the CPU and ML images, run the demo pipeline in them (needs Docker with BuildKit)
+	DOCKER=$(DOCKER) PYTHON_IMAGE=$(PYTHON_IMAGE) ANIML_TEST_IMAGES=1 $(BIN)/pytest -rP -m slow tests/test_container_images.py
+
 test-fast: $(STAMP) ## unit tests only: no servers, no pipeline run
 	$(BIN)/pytest -m "not server and not pipeline and not slow and not gpu"
 
@@ -66,7 +72,7 @@ images: ## build and push the images: make images IMAGE_REGISTRY=registry.exampl
 	@command -v $(DOCKER) >/dev/null || { echo "make images needs $(DOCKER) (with BuildKit)"; exit 1; }
 	set -e; for name in $(IMAGES); do \
 		DOCKER_BUILDKIT=1 $(DOCKER) build --platform $(DOCKER_PLATFORM) -f docker/$$name.Dockerfile \
-			-t $(IMAGE_REGISTRY)/animl-retrain-$$name:$(IMAGE_TAG) . ; \
+			-t $(IMAGE_REGISTRY)/animl-retrain-$$name:$(IMAGE_TAG) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) ). ; \
 		$(DOCKER) push $(IMAGE_REGISTRY)/animl-retrain-$$name:$(IMAGE_TAG) ; \
 	done
 

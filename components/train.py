@@ -31,16 +31,18 @@ def train_op(
     checkpoint_uri: str = "",
     experiment: str = "animl-classifier",
     kfp_run_id: str = "",
-    gpus: int = 1,
+    gpus: str = "1",
 ):
     """Train the classifier (head on frozen features, then fine-tuning, for pretrained weights); resumes if retried.
 
-    ``gpus`` is the GPU count the pipeline requests for this task (pipelines/k8s.py): 0 trains on the CPU, any
+    ``gpus`` is the GPU count the pipeline requests for this task (pipelines/k8s.py), a string because the
+    backend reads the GPU limit only from a string parameter: '0' trains on the CPU, any
     other count lets the stage pick the GPU when there is one. It is an input here, not only a resource setting,
     also because kfp 2.17 passes a parameter into the exit handler's sub-DAG only when a task there consumes it.
     """
     from animl_retrain.components.runtime import run_stage
 
+    from animl_retrain.core.checks import gpu_count
     from animl_retrain.stages import train as stage
 
     run_stage(
@@ -71,5 +73,5 @@ def train_op(
         checkpoint_uri=checkpoint_uri,
         experiment=experiment,
         kfp_run_id=kfp_run_id,
-        device="cpu" if gpus == 0 else "auto",
+        device="cpu" if gpu_count(gpus) == 0 else "auto",
     )

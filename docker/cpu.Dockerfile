@@ -1,6 +1,7 @@
-# syntax=docker/dockerfile:1
 # CPU tools image: the light stages (export, download, cct-to-md, crop, split). No torch.
 # Build from the repository root: `make images` (or docker build -f docker/cpu.Dockerfile .).
+# The base image is a build argument: a mirror's copy or a locally built one works the same
+# (--build-arg PYTHON_IMAGE=registry.example/python:3.11-slim-bookworm; see docs/kubeflow.md, "Images").
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # 1. Dependencies only, from pyproject's pins constrained by requirements/constraints.txt. This layer changes

@@ -1,9 +1,11 @@
-# syntax=docker/dockerfile:1
 # CUDA image: train, evaluate, register (and detection). torch from the registry carries the CUDA runtime
 # libraries (cuda-toolkit 13 in requirements/constraints.txt), so a slim Python base is enough; the GPU node
 # supplies the driver (NVIDIA driver 580 or newer for CUDA 13) through the NVIDIA container toolkit.
-# It runs on CPU nodes too (evaluate, register).
+# It runs on CPU nodes too (evaluate, register). No NVIDIA_VISIBLE_DEVICES here: the device plugin sets it to the
+# GPUs the scheduler gave the pod, and an image default of `all` would hand a pod without a GPU limit every GPU.
 # Build from the repository root: `make images` (or docker build -f docker/ml.Dockerfile .).
+# The base image is a build argument: a mirror's copy or a locally built one works the same
+# (--build-arg PYTHON_IMAGE=registry.example/python:3.11-slim-bookworm; see docs/kubeflow.md, "Images").
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # 1. Dependencies only, from pyproject's pins constrained by requirements/constraints.txt. This layer changes
@@ -32,7 +34,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/home/animl \
-    NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 RUN groupadd --gid 10001 animl \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/animl --shell /usr/sbin/nologin animl

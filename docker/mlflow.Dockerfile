@@ -1,8 +1,9 @@
-# syntax=docker/dockerfile:1
 # MLflow tracking server for manifests/: the pinned mlflow plus what the official MLflow image lacks, boto3 (S3
 # artifacts) and psycopg2 (PostgreSQL backend store); all from the `mlflow-server` extra in pyproject.toml,
 # constrained by requirements/constraints.txt. Runs as an unprivileged user; configuration comes from the
 # Deployment's arguments and environment (Secrets), never from the image.
+# The base image is a build argument: a mirror's copy or a locally built one works the same
+# (--build-arg PYTHON_IMAGE=registry.example/python:3.11-slim-bookworm; see docs/kubeflow.md, "Images").
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS deps

@@ -1,10 +1,11 @@
-# syntax=docker/dockerfile:1
 # Serving image for Animl's classifier endpoint on SageMaker (serverless, CPU): TorchServe, with the torch and
 # torchvision that traced the model (TorchScript files must be loaded by the torch that wrote them, and a
 # GPU-traced file fails on CPU serverless: the deploy stage traces on CPU). SageMaker unpacks model.tar.gz (the
 # .mar at its root) into /opt/ml/model and starts the container with `serve`; TorchServe loads every archive
 # there and answers GET /ping and POST /invocations on port 8080.
 # Build from the repository root: docker build -f docker/serving.Dockerfile -t animl-serving .
+# The base image is a build argument: a mirror's copy or a locally built one works the same
+# (--build-arg PYTHON_IMAGE=registry.example/python:3.11-slim-bookworm; see docs/kubeflow.md, "Images").
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \

@@ -18,7 +18,9 @@ from animl_retrain.components.export import export_op
 from animl_retrain.components.register import register_op
 from animl_retrain.components.split import split_op
 from animl_retrain.components.status import record_status_op
+from animl_retrain.components.status_api import record_status_from_api_op
 from animl_retrain.components.train import train_op
+from animl_retrain.pipelines import backends
 from animl_retrain.pipelines.k8s import stage
 from kfp import compiler, dsl
 
@@ -69,7 +71,7 @@ def retrain_pipeline(
     target_precision: float = 0.95,
     recall_floor: float = 0.0,
     experiment: str = MODEL_NAME,
-    train_gpus: int = 1,
+    train_gpus: str = "1",
     animl_project: str = "",
     animl_api_url: str = "",
     animl_region: str = "us-west-2",
@@ -138,7 +140,8 @@ def retrain_pipeline(
             then measured on test).
         recall_floor: an invasive threshold may not push the class's val recall below this (0 = no floor).
         experiment: MLflow experiment name.
-        train_gpus: GPUs for the training task on the cluster; 0 trains on the CPU (of a GPU node).
+        train_gpus: GPUs for the training task on the cluster, as a string ('1'; a number parameter would give
+            the pod no GPU limit, see pipelines/k8s.py); '0' trains on the CPU (of a GPU node).
         animl_project: Animl project id to export (with export_uri 'animl-api').
         animl_api_url: Animl's GraphQL endpoint, https://<api>.execute-api.<region>.amazonaws.com/<stage>/external.
         animl_region: AWS region of Animl's Cognito user pool.
@@ -163,8 +166,14 @@ def retrain_pipeline(
             datetime of its images) or 'auto' (by location unless the export has no usable location).
         sequence_gap: seconds: an image this close to the previous one of its camera joins its sequence.
     """
-    # The exit handler runs after every step in the block, whether they succeeded or not (locally too).
-    status = stage("status", record_status_op(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment))
+    # The exit handler runs after every step in the block, whether they succeeded or not (locally too). Backends
+    # before 2.14 cannot hand it the block's final status; it asks the KFP API for the run's state there.
+    if backends.current().final_status:
+        status = stage("status", record_status_op(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment))
+    else:
+        status = stage(
+            "status", record_status_from_api_op(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment)
+        )
     with dsl.ExitHandler(status, name="retrain"):
         export = stage(
             "export",
@@ -302,7 +311,15 @@ def retrain_pipeline(
                 )
 
 
-def compile_pipeline(path: Path = COMPILED) -> Path:
-    """Compile the pipeline to KFP IR YAML at ``path``."""
-    compiler.Compiler().compile(retrain_pipeline, package_path=str(path))
+def compile_pipeline(path: Path = COMPILED, kfp_backend: str = backends.DEFAULT) -> Path:
+    """Compile the pipeline to KFP IR YAML at ``path``, in the variant the backend ``kfp_backend`` accepts."""
+    target = backends.backend(kfp_backend)
+    with backends.targeting(target):  # the pipeline function is traced again, for this backend
+        pipeline = dsl.pipeline(name=retrain_pipeline.name, description=retrain_pipeline.description)
+        compiler.Compiler().compile(pipeline(retrain_pipeline.pipeline_func), package_path=str(path))
+    if not (target.optional_env and target.security_context):
+        import yaml
+
+        spec, platform = yaml.safe_load_all(path.read_text())
+        path.write_text(yaml.safe_dump_all([spec, backends.strip_unsupported(platform, target)], sort_keys=False))
     return path

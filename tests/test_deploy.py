@@ -230,3 +230,21 @@ def test_operating_points_from_metrics_or_tags_else_the_default(tmp_path):
     (tmp_path / "metrics.json").write_text("{broken")
     default, per_class, source = mlmodel.read_operating_points(tmp_path, {"operating_points": "{broken"}, LABELS)
     assert (default, per_class) == (0.8, {}) and "default 0.8" in source
+
+
+def test_deploy_credentials_have_their_own_names(monkeypatch):
+    """ANIML_DEPLOY_AWS_* reach only the deploy step's clients; AWS_ACCESS_KEY_ID stays the pod's own identity."""
+    from animl_retrain.integrations.aws import sagemaker
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPODIDENTITY00000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "pod-secret")
+    monkeypatch.delenv("ANIML_DEPLOY_AWS_ACCESS_KEY_ID", raising=False)
+    assert sagemaker.session().get_credentials().access_key == "AKIAPODIDENTITY00000"  # IRSA or the pod's keys
+    monkeypatch.setenv("ANIML_DEPLOY_AWS_ACCESS_KEY_ID", "AKIAANIMLDEPLOY00000")
+    monkeypatch.setenv("ANIML_DEPLOY_AWS_SECRET_ACCESS_KEY", "deploy-secret")
+    monkeypatch.setenv("ANIML_DEPLOY_AWS_REGION", "us-west-1")
+    aws = sagemaker.session()
+    assert aws.get_credentials().access_key == "AKIAANIMLDEPLOY00000" and aws.region_name == "us-west-1"
+    sm, _ = sagemaker.clients()
+    assert sm.meta.region_name == "us-west-1"
+    assert sagemaker.model_bucket_client()._request_signer._credentials.access_key == "AKIAANIMLDEPLOY00000"

@@ -175,3 +175,35 @@ cli.build_parser()
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.stem)
+def test_images_build_without_any_registry_but_their_base(dockerfile):
+    """No `# syntax=` line (it pulls a frontend image from Docker Hub); the base is a build argument."""
+    text = dockerfile.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    first_from = text.index("\nFROM ")
+    assert "\nARG PYTHON_IMAGE=" in text[:first_from]
+    stages = set(re.findall(r"^FROM \S+ AS (\S+)", text, re.M))
+    for base in re.findall(r"^FROM (\S+)", text, re.M):
+        assert base in ("${PYTHON_IMAGE}", *stages), (dockerfile.name, base)
+
+
+def test_make_images_passes_the_base_image_when_given(tmp_path):
+    log = tmp_path / "docker.log"
+    fake = tmp_path / "docker"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    base = "mirror.example/python:3.11-slim-bookworm"
+    proc = subprocess.run(
+        ["make", "-s", "images", f"DOCKER={fake}", f"PYTHON_IMAGE={base}"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    builds = [line for line in log.read_text().splitlines() if line.startswith("build ")]
+    assert len(builds) == 4 and all(f"--build-arg PYTHON_IMAGE={base} ." in line for line in builds)
+
+
+def test_the_ml_image_sees_only_the_gpus_the_scheduler_gave_it():
+    """NVIDIA's device plugin sets NVIDIA_VISIBLE_DEVICES for a pod with a GPU limit; `all` in the image would give
+    a pod without one every GPU of its node."""
+    assert "NVIDIA_VISIBLE_DEVICES=" not in (ROOT / "docker" / "ml.Dockerfile").read_text()

@@ -193,6 +193,28 @@ def test_submit_uploads_a_version_and_starts_a_run(kfp_server, cli_env, tmp_path
 
 
 @pytest.mark.timeout(120)
+def test_submit_and_schedule_upload_the_variant_of_the_backend_named(kfp_server, cli_env):
+    """Kubeflow 1.10 (KFP 2.5): no final-status input, no securityContext, no 'optional' in what is uploaded."""
+    for command in ("submit", "schedule"):
+        proc = cli(cli_env, command, "--host", kfp_server.url, *param_args(), "--kfp-backend", "2.5")
+        assert proc.returncode == 0, proc.stderr
+    uploads = kfp_server.calls("POST", "/pipelines/upload") + kfp_server.calls("POST", "/pipelines/upload_version")
+    assert len(uploads) == 2
+    for upload in uploads:
+        text = json.dumps(uploaded_spec(upload))
+        assert "taskFinalStatus" not in text and "securityContext" not in text and '"optional"' not in text
+    proc = cli(cli_env, "submit", "--host", kfp_server.url, *param_args(), "--set", "train_gpus=1.5")
+    assert proc.returncode == 2 and "train_gpus=1.5: expected a whole number of GPUs" in proc.stderr
+    assert len(kfp_server.calls("POST", "/runs")) == 1  # the bad GPU count started nothing
+
+
+def test_compile_names_the_backends_it_knows(cli_env, tmp_path):
+    proc = cli(cli_env, "compile", "--kfp-backend", "2.8", "--output", str(tmp_path / "p.yaml"))
+    assert proc.returncode == 2 and "no KFP backend releases 2.6 to 2.13" in proc.stderr
+    assert not (tmp_path / "p.yaml").exists()
+
+
+@pytest.mark.timeout(120)
 def test_schedule_creates_a_weekly_recurring_run_without_catchup(kfp_server, cli_env):
     proc = cli(cli_env, "schedule", "--host", kfp_server.url, "--cron", "0 0 3 * * 0", *param_args())
     assert proc.returncode == 0, proc.stderr

@@ -109,7 +109,7 @@ def test_only_detection_and_training_ask_for_a_gpu_node(spec, k8s_config):
         else:
             assert "accelerator" not in resources, name
             assert not config.tolerations and not config.node_selector.labels and not config.empty_dir_mounts, name
-    assert spec.root.input_definitions.parameters["train_gpus"].default_value.number_value == 1
+    assert spec.root.input_definitions.parameters["train_gpus"].default_value.string_value == "1"
 
 
 def test_every_task_has_cpu_and_memory_requests_and_limits(spec, k8s_config):
@@ -152,6 +152,10 @@ def test_secrets_come_from_kubernetes_secrets_by_name_only(tmp_path):
     assert env_by_executor["exec-split-op"] == {}
     for name in ("exec-train-op", "exec-evaluate-op", "exec-register-op", "exec-record-status-op"):
         assert env_by_executor[name]["MLFLOW_TRACKING_URI"] == k8s.MLFLOW_SECRET, name
+    # Deploy's AWS keys under their own names: AWS_ACCESS_KEY_ID would outrank IRSA for the launcher too.
+    deploy_env = env_by_executor["exec-deploy-op"]
+    assert {k for k, v in deploy_env.items() if v == k8s.AWS_DEPLOY_SECRET} == set(k8s.AWS_DEPLOY_KEYS)
+    assert all(k.startswith("ANIML_DEPLOY_AWS_") for k in k8s.AWS_DEPLOY_KEYS) and "AWS_ACCESS_KEY_ID" not in deploy_env
     # No executor sets a credential as a plain environment variable either.
     for executor in docs[0]["deploymentSpec"]["executors"].values():
         assert not executor["container"].get("env"), executor

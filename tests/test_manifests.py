@@ -6,6 +6,7 @@ credential, and MLflow's ``--allowed-hosts`` really admits the Service's names (
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 OVERLAYS = sorted(p.name for p in (MANIFESTS / "overlays").iterdir() if p.is_dir())
 K8S_VERSION = "1.32.0"  # the kubectl this project is checked with
+NAMESPACE = {"aws": "kubeflow", "generic": "kubeflow", "profile": None}  # profile: `kubectl apply -n <ns>`
+PROFILE_NS = "team-a"  # a profile namespace, for what the profile overlay builds from the pod's namespace
 
 
 def kubectl() -> str:
@@ -55,8 +58,8 @@ def config_map(docs: list[dict], name: str) -> dict:
     return found
 
 
-def test_there_are_a_generic_and_an_aws_overlay():
-    assert OVERLAYS == ["aws", "generic"]
+def test_there_are_a_generic_an_aws_and_a_profile_overlay():
+    assert OVERLAYS == ["aws", "generic", "profile"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -65,7 +68,7 @@ def test_overlay_renders_and_validates_strictly(overlay):
     assert docs
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-    assert {d["metadata"].get("namespace") for d in docs} == {"kubeflow"}
+    assert {d["metadata"].get("namespace") for d in docs} == {NAMESPACE[overlay]}
 
 
 def test_strict_validation_rejects_an_unknown_field():
@@ -76,7 +79,7 @@ def test_strict_validation_rejects_an_unknown_field():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_workloads_are_non_root_with_resources_and_probes(overlay):
+def test_workloads_are_non_root_with_resources_and_probes_under_restricted_pod_security(overlay):
     docs = render(overlay)
     workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
     assert "mlflow" in {w["metadata"]["name"] for w in workloads}
@@ -89,6 +92,10 @@ def test_workloads_are_non_root_with_resources_and_probes(overlay):
             assert container.get("readinessProbe") and container.get("livenessProbe"), container["name"]
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
             assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        # Pod Security Standards "restricted" (so baseline too): seccomp, no host namespaces or paths.
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+        assert not any("hostPath" in v for v in pod.get("volumes", []))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -109,6 +116,7 @@ def test_secret_templates_hold_no_values():
     for path in sorted((MANIFESTS / "secrets").glob("*.yaml")):
         doc = yaml.safe_load(path.read_text())
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert "namespace" not in doc["metadata"], path.name  # created in the pipeline's namespace, whichever
         templates[doc["metadata"]["name"]] = doc["stringData"]
     for data in templates.values():
         for key, value in data.items():
@@ -117,7 +125,7 @@ def test_secret_templates_hold_no_values():
     # The keys are the ones the pipeline reads (pipelines/k8s.py).
     assert set(templates[k8s.S3_SECRET]) == set(k8s.S3_KEYS)
     assert set(templates[k8s.MLFLOW_SECRET]) == {k8s.MLFLOW_URI_KEY, *k8s.MLFLOW_AUTH_KEYS}
-    assert templates[k8s.MLFLOW_SECRET][k8s.MLFLOW_URI_KEY] == "http://mlflow.kubeflow.svc.cluster.local:5000"
+    assert templates[k8s.MLFLOW_SECRET][k8s.MLFLOW_URI_KEY] == "http://mlflow:5000"  # any namespace
     assert set(templates["mlflow-db"]) == {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
     assert set(templates[k8s.ANIML_SECRET]) == set(k8s.ANIML_KEYS)
     assert set(templates[k8s.AWS_DEPLOY_SECRET]) == set(k8s.AWS_DEPLOY_KEYS)
@@ -129,7 +137,7 @@ def test_the_objects_the_pipeline_names_exist(overlay):
     docs = render(overlay)
     settings = by_kind(docs, "ConfigMap")[k8s.SETTINGS_CONFIGMAP]["data"]
     assert set(settings) <= set(k8s.SETTINGS_KEYS) and settings["AWS_DEFAULT_REGION"]
-    assert ("AWS_ENDPOINT_URL_S3" in settings) == (overlay == "generic")
+    assert ("AWS_ENDPOINT_URL_S3" in settings) == (overlay != "aws")
     accounts = by_kind(docs, "ServiceAccount")
     assert kubeflow.DEFAULT_SERVICE_ACCOUNT in accounts
     [binding] = by_kind(docs, "RoleBinding").values()
@@ -141,20 +149,17 @@ def test_the_objects_the_pipeline_names_exist(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_kfp_launcher_sets_the_pipeline_root_and_its_s3_provider(overlay):
-    launcher = by_kind(render(overlay), "ConfigMap")["kfp-launcher"]["data"]
-    assert launcher["defaultPipelineRoot"].startswith("s3://")
-    s3 = yaml.safe_load(launcher["providers"])["s3"]["default"]
-    assert s3["endpoint"] and s3["region"]
+def test_kfp_launcher_is_left_to_kfp_unless_the_storage_needs_it(overlay):
+    """KFP owns kfp-launcher (and the profile controller writes it per namespace, pipelines-profile-controller
+    sync.py): only the aws overlay, whose pipeline root is your S3 bucket, sets it."""
+    launchers = by_kind(render(overlay), "ConfigMap")
+    assert ("kfp-launcher" in launchers) == (overlay == "aws")
     if overlay == "aws":
+        launcher = launchers["kfp-launcher"]["data"]
+        assert launcher["defaultPipelineRoot"].startswith("s3://")
+        s3 = yaml.safe_load(launcher["providers"])["s3"]["default"]
+        assert s3["endpoint"] and s3["region"]
         assert s3["credentials"] == {"fromEnv": True} and s3["disableSSL"] is False
-    else:
-        assert s3["endpoint"] == "seaweedfs.kubeflow:9000" and s3["forcePathStyle"] is True
-        assert s3["credentials"]["secretRef"] == {
-            "secretName": "mlpipeline-minio-artifact",
-            "accessKeyKey": "accesskey",
-            "secretKeyKey": "secretkey",
-        }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -163,16 +168,17 @@ def test_network_policies_admit_only_the_expected_clients(overlay):
     mlflow = policies["mlflow"]["spec"]
     assert mlflow["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mlflow"}
     assert mlflow["ingress"][0]["ports"] == [{"port": 5000, "protocol": "TCP"}]
-    if overlay == "generic":
+    if overlay != "aws":
         postgres = policies["mlflow-postgres"]["spec"]
         assert postgres["ingress"][0]["from"] == [
             {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}
         ]
 
 
-def service_names(docs) -> list[str]:
+def service_names(docs, namespace: str) -> list[str]:
     service = by_kind(docs, "Service")["mlflow"]
-    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    name = service["metadata"]["name"]
+    assert service["metadata"].get("namespace") in (namespace, None)
     port = service["spec"]["ports"][0]["port"]
     hosts = [name, f"{name}.{namespace}", f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"]
     return hosts + [f"{h}:{port}" for h in hosts]
@@ -183,14 +189,58 @@ def mlflow_container(docs) -> tuple[dict, dict]:
     return container, config_map(docs, "mlflow")["data"]
 
 
+def mlflow_env(docs, namespace: str) -> dict[str, str]:
+    """MLflow's environment values as the kubelet resolves them: ConfigMap keys, $(VAR) of earlier variables."""
+    container, settings = mlflow_container(docs)
+    env: dict[str, str] = {}
+    for var in container["env"]:
+        source = var.get("valueFrom", {})
+        if "configMapKeyRef" in source:
+            env[var["name"]] = settings.get(source["configMapKeyRef"]["key"], "")
+        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            env[var["name"]] = namespace
+        elif "value" in var:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
+    return env
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_allowed_hosts_cover_every_name_of_the_service(overlay):
     docs = render(overlay)
-    container, settings = mlflow_container(docs)
+    namespace = NAMESPACE[overlay] or PROFILE_NS
+    container, _ = mlflow_container(docs)
     assert "--allowed-hosts=$(ALLOWED_HOSTS)" in container["args"]
-    allowed = settings["ALLOWED_HOSTS"].split(",")
-    assert set(service_names(docs)) <= set(allowed)
-    assert "*" not in allowed
+    allowed = mlflow_env(docs, namespace)["ALLOWED_HOSTS"].split(",")
+    assert set(service_names(docs, namespace)) <= set(allowed)
+    assert "*" not in allowed and "$(" not in ",".join(allowed)
+
+
+def test_the_profile_overlay_keeps_to_the_namespaces_own_prefix_and_credentials():
+    """The profile controller's SeaweedFS policy allows mlpipeline/private-artifacts/<ns>/* (sync.py)."""
+    docs = render("profile")
+    env = mlflow_env(docs, PROFILE_NS)
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"] == f"s3://mlpipeline/private-artifacts/{PROFILE_NS}/mlflow"
+    container, _ = mlflow_container(docs)
+    keys = {
+        v["name"]: v["valueFrom"]["secretKeyRef"] for v in container["env"] if "secretKeyRef" in v.get("valueFrom", {})
+    }
+    assert keys["AWS_ACCESS_KEY_ID"] == {"name": "mlpipeline-minio-artifact", "key": "accesskey"}
+    assert keys["AWS_SECRET_ACCESS_KEY"] == {"name": "mlpipeline-minio-artifact", "key": "secretkey"}
+    assert "kubeflow" not in yaml.safe_dump_all(d for d in docs if d["kind"] != "ConfigMap")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_and_postgres_opt_out_of_the_istio_sidecar(overlay):
+    """Pipeline pods get no sidecar (backend/src/apiserver/template/argo_template.go, 2.16.0), so they cannot
+    pass Kubeflow's mesh-wide deny-all AuthorizationPolicy into a meshed server: MLflow and PostgreSQL stay out."""
+    workloads = [d for d in render(overlay) if d["kind"] in ("Deployment", "StatefulSet")]
+    assert {w["metadata"]["name"] for w in workloads} == (
+        {"mlflow"} if overlay == "aws" else {"mlflow", "mlflow-postgres"}
+    )
+    for workload in workloads:
+        meta = workload["spec"]["template"]["metadata"]
+        assert meta["annotations"]["sidecar.istio.io/inject"] == "false", workload["metadata"]["name"]
+        assert meta["labels"]["sidecar.istio.io/inject"] == "false", workload["metadata"]["name"]
 
 
 def _free_port() -> int:
@@ -209,12 +259,12 @@ def _status(url: str, host: str) -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server_like_the_deployment(docs, tmp_path):
+def mlflow_server_like_the_deployment(docs, tmp_path, namespace="kubeflow"):
     """``mlflow server`` with the Deployment's arguments and environment names, on loopback with SQLite."""
-    container, settings = mlflow_container(docs)
+    container, _ = mlflow_container(docs)
     port = _free_port()
     args = [
-        a.replace("$(ALLOWED_HOSTS)", settings["ALLOWED_HOSTS"])
+        a.replace("$(ALLOWED_HOSTS)", mlflow_env(docs, namespace)["ALLOWED_HOSTS"])
         for a in container["args"]
         if not a.startswith(("--host=", "--port=", "--workers="))
     ]
@@ -260,11 +310,13 @@ def _status_or_none(url: str) -> int | None:
 
 @pytest.mark.server
 @pytest.mark.timeout(240)
-def test_mlflow_admits_its_service_names_and_refuses_others(tmp_path):
-    docs = render("generic")
-    with mlflow_server_like_the_deployment(docs, tmp_path) as url:
+@pytest.mark.parametrize("overlay", ["generic", "profile"])
+def test_mlflow_admits_its_service_names_and_refuses_others(overlay, tmp_path):
+    docs = render(overlay)
+    namespace = NAMESPACE[overlay] or PROFILE_NS
+    with mlflow_server_like_the_deployment(docs, tmp_path, namespace) as url:
         api = url + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
-        for host in service_names(docs):
+        for host in service_names(docs, namespace):
             assert _status(api, host) == 200, host
         assert _status(api, "evil.example:5000") == 403
         assert _status(api, "mlflow.other-namespace.svc.cluster.local:5000") == 403

@@ -1,6 +1,10 @@
 """The exit handler's record against a real MLflow server: tags, dangling runs closed, never a crash."""
 
+import contextlib
+import http.server
 import json
+import socket
+import threading
 
 import pytest
 
@@ -71,3 +75,88 @@ def test_an_unreachable_tracking_server_is_recorded_not_raised(tmp_path, monkeyp
     assert recorded["state"] == "FAILED" and "pw" not in json.dumps(recorded)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["problem_counts"] == {"mlflow": 1} and "pw" not in json.dumps(report)
+
+
+@pytest.mark.parametrize(
+    ("backend_state", "outcome"),
+    [
+        ("COMPLETE", "SUCCEEDED"),  # ML Metadata's name, what a cluster's driver passes (driver/resolve.go)
+        ("CACHED", "SUCCEEDED"),
+        ("RUNNING", "SUCCEEDED"),  # a block whose dsl.If branch was skipped
+        ("SUCCEEDED", "SUCCEEDED"),  # kfp.local
+        ("FAILED", "FAILED"),
+        ("CANCELED", "CANCELED"),
+        ("UNKNOWN", "UNKNOWN"),
+        ("", "UNKNOWN"),
+    ],
+)
+def test_backend_states_map_to_an_outcome(backend_state, outcome):
+    assert run_status.outcome(backend_state) == outcome
+
+
+def test_a_skipped_branch_is_recorded_as_success(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = run_status.run(run_status.StatusConfig(state="RUNNING", kfp_run_id="kfp-5", out=tmp_path))
+    assert (result.state, result.backend_state) == ("SUCCEEDED", "RUNNING")
+    assert status_file(tmp_path)["state"] == "SUCCEEDED"
+
+
+@contextlib.contextmanager
+def kfp_api(runs: dict[str, dict]):
+    """A loopback HTTP server answering GET /apis/v2beta1/runs/{id} with the run as KFP's API shapes it."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            run_id = self.path.rsplit("/", 1)[-1]
+            body = json.dumps(runs[run_id]).encode() if run_id in runs else b'{"error": "not found"}'
+            self.send_response(200 if run_id in runs else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def run_with_tasks(*states: tuple[str, str]) -> dict:
+    tasks = [{"display_name": name, "state": state} for name, state in states]
+    return {"run_id": "r", "state": "RUNNING", "run_details": {"task_details": tasks}}
+
+
+def test_without_a_final_status_the_state_comes_from_the_kfp_api(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "no-token"))
+    runs = {
+        "ok": run_with_tasks(("export", "SUCCEEDED"), ("deploy", "SKIPPED"), ("exit-handler-1", "RUNNING")),
+        "bad": run_with_tasks(("export", "SUCCEEDED"), ("train", "FAILED"), ("status", "RUNNING")),
+        "stopped": run_with_tasks(("train", "CANCELED")),
+    }
+    with kfp_api(runs) as url:
+        monkeypatch.setenv("KFP_API_URL", url)
+        for run_id, expected in (("ok", "SUCCEEDED"), ("bad", "FAILED"), ("stopped", "CANCELED")):
+            out = tmp_path / run_id
+            assert run_status.run(run_status.StatusConfig(kfp_run_id=run_id, out=out)).state == expected
+        result = run_status.run(run_status.StatusConfig(kfp_run_id="gone", out=tmp_path / "gone"))
+    assert result.state == "UNKNOWN"
+    report = json.loads((tmp_path / "gone" / "report.json").read_text())
+    assert report["problem_counts"]["kfp-api"] == 1 and "HTTP 404" in json.dumps(report)
+
+
+def test_an_unreachable_kfp_api_is_recorded_not_raised(tmp_path, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("KFP_API_URL", f"http://127.0.0.1:{port}")
+    result = run_status.run(run_status.StatusConfig(kfp_run_id="kfp-7", out=tmp_path))
+    assert result.state == "UNKNOWN" and status_file(tmp_path)["backend_state"] == "UNKNOWN"

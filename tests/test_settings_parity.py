@@ -27,6 +27,7 @@ COMPONENTS = [
     "register",
     "split",
     "status",
+    "status_api",
     "train",
 ]
 EMPTY = inspect.Parameter.empty

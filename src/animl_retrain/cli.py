@@ -134,9 +134,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """Compile the pipeline to YAML."""
-    from animl_retrain.pipelines.retrain import compile_pipeline
+    from animl_retrain.pipelines.retrain import COMPILED, compile_pipeline
 
-    print(compile_pipeline(args.output) if args.output else compile_pipeline())
+    try:
+        print(compile_pipeline(args.output or COMPILED, args.kfp_backend))
+    except ValueError as e:
+        raise PipelineError(str(e)) from e
     return 0
 
 
@@ -152,10 +155,14 @@ def cmd_kubeflow(args: argparse.Namespace) -> int:
         return 0
     params = load_params(args.params, args.set)
     if args.command == "submit":
-        result = kubeflow.submit(conn, params, args.experiment, args.run_name, args.service_account)
+        result = kubeflow.submit(
+            conn, params, args.experiment, args.run_name, args.service_account, kfp_backend=args.kfp_backend
+        )
         print(kubeflow.as_json(result) if args.json else f"run {result['run_id']}: {result['url']}")
     else:
-        result = kubeflow.schedule(conn, params, args.cron, args.name, args.experiment, args.service_account)
+        result = kubeflow.schedule(
+            conn, params, args.cron, args.name, args.experiment, args.service_account, kfp_backend=args.kfp_backend
+        )
         print(
             kubeflow.as_json(result)
             if args.json
@@ -192,7 +199,21 @@ def _add_kubeflow_arguments(p: argparse.ArgumentParser, params: bool = True) -> 
             help=f"service account of the run's pods (default: {kubeflow.DEFAULT_SERVICE_ACCOUNT}, from manifests/; "
             "'' for Kubeflow's default)",
         )
+        _add_backend_argument(p)
     p.set_defaults(func=cmd_kubeflow)
+
+
+def _add_backend_argument(p: argparse.ArgumentParser) -> None:
+    from animl_retrain.pipelines import backends
+
+    p.add_argument(
+        "--kfp-backend",
+        default=backends.DEFAULT,
+        metavar="X.Y",
+        help=f"Kubeflow Pipelines backend version to compile for (default: {backends.DEFAULT}; one of "
+        f"{', '.join(backends.BACKENDS)}; Kubeflow 1.10 ships 2.5, 1.11 ships 2.15, 26.03 ships 2.16). See "
+        "docs/kubeflow.md for what each gets",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -242,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile the pipeline to Kubeflow IR YAML")
     p.add_argument("--output", type=Path, help="output file (default: pipelines/retrain.yaml)")
+    _add_backend_argument(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("submit", help="upload the pipeline to Kubeflow as a new version and start a run")

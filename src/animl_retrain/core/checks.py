@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from animl_retrain.core.errors import UnsafePathError
+from animl_retrain.core.errors import PipelineError, UnsafePathError
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -45,3 +45,18 @@ def safe_filename(text: str, max_len: int = 120) -> str:
     """Turn any id into a file-name stem made of letters, digits, '-', '_' and '.'."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
     return stem[:max_len]
+
+
+MAX_GPUS = 16
+
+
+def gpu_count(value: object, name: str = "train_gpus") -> int:
+    """A GPU count given as text ('0' to '16'), as the pipeline takes it; a clear error for anything else.
+
+    The pipeline's GPU counts are strings because Kubeflow's driver reads a GPU limit only from a string
+    parameter; an int or a numeric string is accepted here, a float, a bool or a word is not.
+    """
+    text = str(value).strip() if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    if not text.isdigit() or int(text) > MAX_GPUS:
+        raise PipelineError(f"{name}={value!r}: expected a whole number of GPUs from 0 to {MAX_GPUS}, e.g. '1'")
+    return int(text)

@@ -36,8 +36,11 @@ def endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def s3_client(max_pool_connections: int = 10, max_attempts: int = 5, timeout: float = 30.0):
-    """A boto3 S3 client with bounded retries, timeouts and path-style addressing for custom endpoints."""
+def s3_client(max_pool_connections: int = 10, max_attempts: int = 5, timeout: float = 30.0, session=None):
+    """A boto3 S3 client with bounded retries, timeouts and path-style addressing for custom endpoints.
+
+    ``session``: a boto3 session with its own credentials (the deploy step's); default: the environment's.
+    """
     import boto3
     from botocore.config import Config
 
@@ -49,6 +52,8 @@ def s3_client(max_pool_connections: int = 10, max_attempts: int = 5, timeout: fl
         s3={"addressing_style": "path"} if endpoint_url() else None,
     )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    if session is not None:
+        return session.client("s3", config=config, region_name=session.region_name or region)
     # A new session each time: the environment (credentials, endpoint) is read now, not cached from earlier.
     return boto3.session.Session().client("s3", config=config, region_name=region)
 
@@ -124,8 +129,8 @@ def fetch(uri: str, dest: Path) -> Path:
     return dest
 
 
-def upload_file(path: Path, uri: str) -> None:
-    """Upload a local file to an S3 URI, or copy it when ``uri`` is a local path."""
+def upload_file(path: Path, uri: str, client=None) -> None:
+    """Upload a local file to an S3 URI (with ``client``, default :func:`s3_client`), or copy it to a path."""
     if not is_s3(uri):
         dest = Path(uri)
         with atomic_path(dest) as tmp:
@@ -133,7 +138,7 @@ def upload_file(path: Path, uri: str) -> None:
         return
     bucket, key = parse_s3_uri(uri)
     try:
-        s3_client().upload_file(str(path), bucket, key)
+        (client or s3_client()).upload_file(str(path), bucket, key)
     except Exception as e:
         raise PipelineError(describe_s3_error(e, uri)) from e
 

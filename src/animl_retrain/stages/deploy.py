@@ -229,10 +229,12 @@ def _deploy(cfg: DeployConfig, target: sagemaker.Target, tarball: Path, package:
         raise PipelineError(f"deploy: cannot read SageMaker/SSM state: {e}") from e
     result.plan = [f"uploaded {tarball.name} and model.onnx to {target.model_data.rsplit('/', 1)[0]}/"]
     result.plan += sagemaker.plan(target, state)
-    storage.upload_file(tarball, target.model_data)
-    storage.upload_file(package / MODEL_FILES["onnx"], target.model_data.replace(layout.MODEL_TARBALL, "model.onnx"))
+    s3 = sagemaker.model_bucket_client()
+    storage.upload_file(tarball, target.model_data, s3)
+    onnx = target.model_data.replace(layout.MODEL_TARBALL, "model.onnx")
+    storage.upload_file(package / MODEL_FILES["onnx"], onnx, s3)
     record = Path(cfg.out) / layout.MLMODEL_FILE
-    storage.upload_file(record, target.model_data.replace(layout.MODEL_TARBALL, layout.MLMODEL_FILE))
+    storage.upload_file(record, target.model_data.replace(layout.MODEL_TARBALL, layout.MLMODEL_FILE), s3)
     try:
         applied = sagemaker.apply(sm, ssm, target, state, cfg.wait_minutes * 60)
     except PipelineError:

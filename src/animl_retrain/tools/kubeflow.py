@@ -89,11 +89,15 @@ def check_cron(cron: str) -> str:
     return " ".join(fields)
 
 
-def compile_package(directory: Path) -> tuple[Path, dict]:
-    """Compile the pipeline into ``directory``; return the file and its root input definitions."""
+def compile_package(directory: Path, kfp_backend: str | None = None) -> tuple[Path, dict]:
+    """Compile the pipeline (for ``kfp_backend``) into ``directory``; return the file and its root inputs."""
+    from animl_retrain.pipelines import backends
     from animl_retrain.pipelines.retrain import compile_pipeline
 
-    path = compile_pipeline(Path(directory) / "retrain.yaml")
+    try:
+        path = compile_pipeline(Path(directory) / "retrain.yaml", kfp_backend or backends.DEFAULT)
+    except ValueError as e:
+        raise PipelineError(str(e)) from e
     spec = next(yaml.safe_load_all(path.read_text()))
     return path, spec["root"]["inputDefinitions"]["parameters"]
 
@@ -106,6 +110,15 @@ def check_params(params: dict[str, Any], inputs: dict[str, dict]) -> dict[str, A
     missing = sorted(n for n, d in inputs.items() if not d.get("isOptional") and n not in params)
     if missing:
         raise PipelineError(f"missing pipeline parameters {missing} (give them with --params FILE or --set KEY=VALUE)")
+    return normalise_gpus(params)
+
+
+def normalise_gpus(params: dict[str, Any]) -> dict[str, Any]:
+    """``train_gpus`` as the string the pipeline takes (a YAML ``1`` becomes ``'1'``), checked."""
+    from animl_retrain.core.checks import gpu_count
+
+    if "train_gpus" in params:
+        params = params | {"train_gpus": str(gpu_count(params["train_gpus"]))}
     return params
 
 
@@ -132,20 +145,20 @@ def upload_version(kfp_client, package: Path, pipeline_name: str) -> tuple[str, 
     return pipeline_id, version_id
 
 
-def _prepare(conn: Connection, params: dict[str, Any], experiment: str):
+def _prepare(conn: Connection, params: dict[str, Any], experiment: str, kfp_backend: str | None):
     from animl_retrain.pipelines.retrain import PIPELINE_NAME
 
     kfp_client = client(conn)
     with tempfile.TemporaryDirectory(prefix="animl-kfp-") as tmp:
-        package, inputs = compile_package(Path(tmp))
-        check_params(params, inputs)
+        package, inputs = compile_package(Path(tmp), kfp_backend)
+        params = check_params(params, inputs)
         try:
             pipeline_id, version_id = upload_version(kfp_client, package, PIPELINE_NAME)
             with _quiet():
                 experiment_id = kfp_client.create_experiment(experiment, namespace=conn.namespace).experiment_id
         except Exception as e:
             raise PipelineError(f"Kubeflow Pipelines at {conn.host} refused the upload: {_reason(e)}") from e
-    return kfp_client, pipeline_id, version_id, experiment_id
+    return kfp_client, pipeline_id, version_id, experiment_id, params
 
 
 def submit(
@@ -154,9 +167,10 @@ def submit(
     experiment: str = DEFAULT_EXPERIMENT,
     run_name: str = "",
     service_account: str = DEFAULT_SERVICE_ACCOUNT,
+    kfp_backend: str | None = None,
 ) -> dict[str, str]:
-    """Upload a pipeline version and start one run of it; return the run's id and UI link."""
-    kfp_client, pipeline_id, version_id, experiment_id = _prepare(conn, params, experiment)
+    """Upload a pipeline version (compiled for ``kfp_backend``) and start one run of it; return its id and link."""
+    kfp_client, pipeline_id, version_id, experiment_id, params = _prepare(conn, params, experiment, kfp_backend)
     name = run_name or f"retrain {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}"
     try:
         with _quiet():
@@ -180,10 +194,11 @@ def schedule(
     name: str = "animl-retrain weekly",
     experiment: str = DEFAULT_EXPERIMENT,
     service_account: str = DEFAULT_SERVICE_ACCOUNT,
+    kfp_backend: str | None = None,
 ) -> dict[str, str]:
     """Upload a pipeline version and run it on a cron schedule (one at a time, no catch-up of missed runs)."""
     cron = check_cron(cron)
-    kfp_client, pipeline_id, version_id, experiment_id = _prepare(conn, params, experiment)
+    kfp_client, pipeline_id, version_id, experiment_id, params = _prepare(conn, params, experiment, kfp_backend)
     try:
         with _quiet():
             job = kfp_client.create_recurring_run(

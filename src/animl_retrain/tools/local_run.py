@@ -123,18 +123,24 @@ def _check_params(params: dict[str, Any]) -> None:
         raise PipelineError(f"missing pipeline parameters {missing}")
 
 
-def run_local(params: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
-    """Run the pipeline locally; return the summary built from every stage's report."""
+def run_local(params: dict[str, Any], pipeline_root: Path, runner: Any = None) -> dict[str, Any]:
+    """Run the pipeline locally; return the summary built from every stage's report.
+
+    ``runner`` is kfp.local's runner: by default the SubprocessRunner in this virtualenv; a
+    ``kfp.local.DockerRunner`` runs every task in the project's images instead (``make test-images``).
+    """
     import kfp.local
 
     from animl_retrain.pipelines.retrain import PIPELINE_NAME, retrain_pipeline
+    from animl_retrain.tools.kubeflow import normalise_gpus
 
     _check_params(params)
+    params = normalise_gpus(params)  # the pipeline takes train_gpus as a string; a YAML 1 is fine
     pipeline_root = Path(pipeline_root).resolve()
     params = protect_parameters(params, pipeline_root)
     pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp.local.init(
-        runner=kfp.local.SubprocessRunner(use_venv=False),
+        runner=runner or kfp.local.SubprocessRunner(use_venv=False),
         pipeline_root=str(pipeline_root),
         raise_on_error=True,
     )

@@ -7,8 +7,11 @@ configuration until the new one is in service (and rolls back if it fails), so A
 go away; the previous configuration is kept for a manual roll-back. The endpoint name is written to the SSM
 parameters Animl's API reads (``/ml/<model id>-realtime-endpoint-<stage>``, optionally ``-batch-``).
 
-Endpoints and credentials come from the environment as boto3 reads them (``AWS_ENDPOINT_URL_SAGEMAKER``,
-``AWS_ENDPOINT_URL_SSM``, ``AWS_REGION``, ...), never from pipeline parameters.
+Endpoints come from the environment as boto3 reads them (``AWS_ENDPOINT_URL_SAGEMAKER``,
+``AWS_ENDPOINT_URL_SSM``, ...), never from pipeline parameters. Credentials for Animl's account come from
+:data:`DEPLOY_KEYS` when they are set (the ``animl-aws-deploy`` Secret), else from boto3's usual chain (IRSA, a
+profile): under their own names, so they never take the place of the pod's own AWS identity for anything else
+(KFP's launcher moves the task's artifacts with that one).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from animl_retrain.core import storage
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.logging import log
 
@@ -63,17 +67,36 @@ class Target:
         )
 
 
-def clients():
-    """boto3 SageMaker and SSM clients with bounded retries and timeouts."""
+DEPLOY_KEYS = ("ANIML_DEPLOY_AWS_ACCESS_KEY_ID", "ANIML_DEPLOY_AWS_SECRET_ACCESS_KEY", "ANIML_DEPLOY_AWS_REGION")
+
+
+def session():
+    """A boto3 session in Animl's account: the ``ANIML_DEPLOY_AWS_*`` keys when set, else boto3's own chain."""
     import boto3
+
+    env = os.environ
+    region = env.get("ANIML_DEPLOY_AWS_REGION") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-west-2"
+    if env.get("ANIML_DEPLOY_AWS_ACCESS_KEY_ID"):
+        return boto3.session.Session(
+            aws_access_key_id=env["ANIML_DEPLOY_AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env.get("ANIML_DEPLOY_AWS_SECRET_ACCESS_KEY", ""),
+            region_name=region,
+        )
+    return boto3.session.Session(region_name=region)
+
+
+def clients():
+    """boto3 SageMaker and SSM clients in Animl's account, with bounded retries and timeouts."""
     from botocore.config import Config
 
     config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=30, read_timeout=60)
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-west-2"
-    session = boto3.session.Session()
-    return session.client("sagemaker", config=config, region_name=region), session.client(
-        "ssm", config=config, region_name=region
-    )
+    aws = session()
+    return aws.client("sagemaker", config=config), aws.client("ssm", config=config)
+
+
+def model_bucket_client():
+    """An S3 client for the model bucket, in Animl's account like :func:`clients`."""
+    return storage.s3_client(session=session())
 
 
 def _code(e: Exception) -> str:

@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines API, as seen from inside a pipeline task."""
