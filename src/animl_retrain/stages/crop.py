@@ -3,7 +3,8 @@
 Boxes come from MegaDetector-format files: the ground truth written by cct-to-md, the detect stage's
 MegaDetector results, or both (ground truth wins where it locates the animal; detector boxes take the image's
 Animl label, and ``box_source`` in ``crops.csv`` says which it was). Each image is decoded once,
-at the smallest JPEG scale that still leaves every crop at full resolution, and its crops are cut with the
+at the smallest JPEG scale that still leaves every crop at full resolution and, for baseline JPEGs, only where
+its crops lie (:func:`~animl_retrain.vision.preprocessing.crop_squares`), and its crops are cut with the
 shared rule in :mod:`animl_retrain.vision.preprocessing`. Images are spread over every core. ``crops.csv`` lists
 each crop with its source image, annotation id, label, location and box; unreadable images are reported.
 """
@@ -28,8 +29,8 @@ from animl_retrain.core.io import atomic_path, remove_partial_files
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
 from animl_retrain.formats import layout, mdformat, tables
-from animl_retrain.vision.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
-from animl_retrain.vision.preprocessing import cut_square, draft_scale
+from animl_retrain.vision.images import DEFAULT_MAX_PIXELS, BadImageError
+from animl_retrain.vision.preprocessing import crop_squares
 
 
 class CropConfig(StageConfig):
@@ -70,14 +71,14 @@ def _crop_image(job: tuple) -> tuple[list[dict], str | None]:
     image_path, out_root, dets, size, quality, max_pixels = job
     boxes = [(d["x"], d["y"], d["w"], d["h"]) for d in dets]
     try:
-        img, _ = open_image(image_path, max_pixels, scale_for=lambda w, h: draft_scale(boxes, w, h, size))
+        squares = crop_squares(image_path, boxes, size, max_pixels)
     except BadImageError as e:
         return [], str(e)
     rows = []
-    for det, box in zip(dets, boxes, strict=True):
+    for det, square in zip(dets, squares, strict=True):
         rel = f"{safe_filename(det['label'], 60)}/{crop_name(det['annotation_id'])}"
         with atomic_path(Path(out_root) / rel) as tmp:
-            cut_square(img, box, size).save(tmp, format="JPEG", quality=quality)
+            square.save(tmp, format="JPEG", quality=quality)
         rows.append({**det, "crop": rel})
     return rows, None
 
