@@ -124,5 +124,12 @@ def test_the_size_limit_removes_the_oldest_entries(tmp_path):
     os.utime(old.with_suffix(".bin"), (1, 1))
     assert store.trim() >= 1
     assert list(store.pack_index()) == ["new"]
+    data = b"an image"
+    (tmp_path / "img").write_bytes(data)
+    checksum = cache.file_checksum(tmp_path / "img")
+    store.put_image(checksum, data)
+    os.utime(tmp_path / "c" / "images" / checksum, (1, 1))  # the oldest entry, but this run uses it
+    store.trim(keep={checksum})
+    assert store.get_image(checksum) == data
     with pytest.raises(Exception, match="checksum"):
         store.put_image("md5-" + "0" * 32, b"not these bytes")

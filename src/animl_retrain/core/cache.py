@@ -11,7 +11,9 @@ Two kinds of entries under one prefix, each found by a key derived from content 
   each pack in one request instead of one request per crop.
 
 Reads refuse an entry whose bytes do not match its checksum (counted in :attr:`ContentCache.refused`, then
-treated as a miss: the work is redone). ``max_gb`` bounds the prefix: after writing, the oldest entries go first.
+treated as a miss: the work is redone). ``max_gb`` bounds the prefix: the download stage trims it after its
+fetches, oldest entries first, keeping the images of its own run; so between runs the cache can exceed the
+limit by one run's new crops.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class ContentCache:
         self.uri, self.max_bytes = uri.rstrip("/"), int(max_gb * 1e9)
         self.refused = 0
         self._client = None
+        self._images: list[_Object] | None = None  # the last listing of the images
         if storage.is_s3(uri):
             self.bucket, prefix = storage.parse_s3_uri(self.uri)
             self.prefix = prefix.rstrip("/") + "/" if prefix else ""
@@ -125,8 +128,9 @@ class ContentCache:
 
     # -- images, by the checksum the source keeps ---------------------------------------------------------------
     def image_checksums(self) -> set[str]:
-        """The checksums of every cached image (one listing, not one request per image)."""
-        return {o.name.split("/", 1)[1] for o in self._list(IMAGES)}
+        """The checksums of every cached image (one listing, not one request per image; kept for :meth:`trim`)."""
+        self._images = self._list(IMAGES)
+        return {o.name.split("/", 1)[1] for o in self._images}
 
     def get_image(self, checksum: str) -> bytes | None:
         """The cached image, or None when absent or when its bytes do not match the checksum (refused)."""
@@ -191,15 +195,19 @@ class ContentCache:
         self._put(f"{name}.bin", b"".join(chunks))
         self._put(f"{name}.json", json.dumps(index).encode())
 
-    def trim(self) -> int:
-        """Delete the oldest entries (a pack's index before its data) until the cache is under ``max_gb``."""
-        objects = sorted(
-            self._list(IMAGES) + self._list(PACKS), key=lambda o: (o.modified, not o.name.endswith("json"))
-        )
+    def trim(self, keep: set[str] = frozenset()) -> int:
+        """Delete the oldest entries (a pack's index before its data) until the cache is under ``max_gb``.
+
+        Images whose checksum is in ``keep`` (the ones this run uses) stay. Returns how many objects went.
+        """
+        images = self._images if self._images is not None else self._list(IMAGES)
+        objects = sorted(images + self._list(PACKS), key=lambda o: o.modified)
         total, removed = sum(o.size for o in objects), 0
         for obj in objects:
             if total <= self.max_bytes:
                 break
+            if obj.name.startswith(f"{IMAGES}/") and obj.name.split("/", 1)[1] in keep:
+                continue
             if obj.name.endswith(".bin"):  # its index first: readers must never see an index without its pack
                 self._delete(obj.name[: -len(".bin")] + ".json")
             self._delete(obj.name)

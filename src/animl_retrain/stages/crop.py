@@ -341,7 +341,6 @@ def run(cfg: CropConfig) -> CropResult:
             "crops_from_cache": from_cache,
             "crops_added": len(new_entries),
             "entries_refused": store.refused,
-            "entries_trimmed": store.trim(),
         }
     if not rows:
         raise PipelineError(f"crop: no crop could be made from {n_images} images; see {Path(cfg.out) / 'report.json'}")

@@ -228,8 +228,10 @@ def run(cfg: DownloadConfig) -> DownloadResult:
     dest_root = Path(cfg.out) / layout.IMAGES_DIR
     dest_root.mkdir(parents=True, exist_ok=True)
     report.details["removed_partial_files"] = remove_partial_files(dest_root)
-    rows = _use_cache(cfg, source, wanted, report)
+    rows, store = _use_cache(cfg, source, wanted, report)
     statuses, total_bytes = _fetch_all(cfg, source, rows, dest_root, report)
+    if store is not None:
+        report.details["cache"]["entries_trimmed"] = store.trim(keep={r["checksum"] for r in rows})
 
     wanted = wanted.assign(_status=statuses, checksum=[r["checksum"] for r in rows])
     on_disk = wanted[wanted["_status"].isin(["ok", "present", "cached"])].drop(columns="_status")
@@ -265,17 +267,17 @@ def run(cfg: DownloadConfig) -> DownloadResult:
     )
 
 
-def _use_cache(cfg: DownloadConfig, source: _Source, wanted, report: Report) -> list[dict]:
+def _use_cache(cfg: DownloadConfig, source: _Source, wanted, report: Report):
     """The rows to fetch, each with its source checksum; with a cache, images already in it are not fetched.
 
     Such an image stays listed in ``images.csv`` (with its checksum) but is left in the cache: the crop stage
     takes its crops from the cache, or the image itself where a crop is new. Images the detector will see
     (``needs_detection``) are always fetched, and so is every image whose source keeps no usable checksum (an
-    S3 multipart ETag). Newly fetched images are added to the cache.
+    S3 multipart ETag). Newly fetched images are added to the cache. Returns the rows and the cache (or None).
     """
     rows = wanted.to_dict("records")
     if not cfg.cache_uri:
-        return [{**r, "checksum": ""} for r in rows]
+        return [{**r, "checksum": ""} for r in rows], None
     store = cache.ContentCache(cfg.cache_uri, cfg.cache_max_gb)
     sums = source.checksums([r["key"] for r in rows])
     present = store.image_checksums()
@@ -284,7 +286,7 @@ def _use_cache(cfg: DownloadConfig, source: _Source, wanted, report: Report) -> 
         r["_deferred"] = bool(r["checksum"]) and r["checksum"] in present and not r["needs_detection"]
         r["_cache"] = None if r["_deferred"] or r["checksum"] in present else store
     report.details["cache"] = {"uri": cfg.cache_uri, "images_in_cache": sum(r["_deferred"] for r in rows)}
-    return rows
+    return rows, store
 
 
 def _fetch_all(cfg: DownloadConfig, source, rows: list[dict], dest_root: Path, report: Report) -> tuple[list[str], int]:
