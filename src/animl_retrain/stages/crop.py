@@ -147,17 +147,17 @@ def _image_name(job: tuple, cfg: CropConfig) -> str:
     return str(job[0].relative_to(root)) if job[0].is_relative_to(root) else job[0].name
 
 
-def _ground_truth_boxes(results: dict, by_file: pd.DataFrame, report: Report) -> dict[str, list[dict]]:
+def _ground_truth_boxes(results: dict, by_file: dict[str, dict], report: Report) -> dict[str, list[dict]]:
     """Crop rows (without the crop path) for every ground-truth box, by image file."""
     labels = results.get("classification_categories") or {}
     boxes: dict[str, list[dict]] = {}
     for im in results["images"]:
         file = im["file"]
-        if file not in by_file.index:
+        if file not in by_file:
             report.problem("box on an image that is not downloaded", file)
             continue
         safe_relpath(file, "results file entry")
-        meta = by_file.loc[file]
+        meta = by_file[file]
         dets = boxes.setdefault(file, [])
         for det in im.get("detections") or []:
             cls = det.get("classifications") or []
@@ -207,7 +207,7 @@ def _located(ground_truth: dict[str, list[dict]]) -> set[str]:
 def _detector_boxes(
     detections: dict,
     ground_truth: dict[str, list[dict]],
-    by_file: pd.DataFrame,
+    by_file: dict[str, dict],
     threshold: float,
     report: Report,
     skip: set[str],
@@ -222,7 +222,7 @@ def _detector_boxes(
     excluded: Counter[str] = Counter()
     for im in detections["images"]:
         file = im["file"]
-        if im.get("failure") or file not in by_file.index or file in skip:
+        if im.get("failure") or file not in by_file or file in skip:
             continue  # the detect stage reported a failure; ground truth (if any) stands in
         safe_relpath(file, "results file entry")
         labels = sorted({row["label"] for row in ground_truth.get(file, [])})
@@ -245,7 +245,7 @@ def _detector_boxes(
             report.problem(what, file, f"labels {labels}; {len(animals)} detector boxes not used")
             boxes[file] = []
         else:
-            meta = by_file.loc[file]
+            meta = by_file[file]
             boxes[file] = [
                 _row(meta, file, labels[0], d, "detector", f"{meta['image_id']}#md{k}", k)
                 for k, d in enumerate(animals)
@@ -274,7 +274,7 @@ def _jobs_from_results(
     results: dict, detections: dict | None, images: pd.DataFrame, cfg: CropConfig, out_root: Path, report: Report
 ):
     """Turn the box sources into one job per image, checking every referenced file against the image table."""
-    by_file = images.set_index("file")
+    by_file = images.set_index("file").to_dict("index")  # a dict: a row lookup per image costs no pandas call
     boxes = _ground_truth_boxes(results, by_file, report)
     if detections is not None and cfg.box_source != "ground_truth":
         info = detections.get("info") if isinstance(detections.get("info"), dict) else {}
