@@ -141,11 +141,12 @@ class ContentCache:
             return None
         return data
 
-    def put_image(self, checksum: str, data: bytes) -> None:
-        """Store an image under its checksum (refusing bytes that do not match it)."""
+    def put_image(self, checksum: str, data: bytes) -> bool:
+        """Store an image under its checksum; False (nothing stored) when the bytes do not match it."""
         if not matches(checksum, data):
-            raise PipelineError(f"cache: image bytes do not match their checksum {checksum}")
+            return False
         self._put(f"{IMAGES}/{checksum}", data)
+        return True
 
     # -- packs of small entries (crops), by any content-derived key ---------------------------------------------
     def pack_index(self) -> dict[str, tuple[str, int, int, str]]:

@@ -109,7 +109,8 @@ def _from_cache(jobs: list[tuple], cfg: CropConfig, checksums: dict[Path, str], 
     A job whose every crop is cached is done here; any other goes to the decoder whole (one decode per image).
     An image the download stage left in the cache is fetched from it (checked against its checksum) for that.
     """
-    keys = [[cache_key(checksums[job[0]], d, cfg) for d in job[2]] for job in jobs]
+    # an image with no checksum (neither on disk nor listed with one) has no keys: it fails to decode below
+    keys = [[cache_key(checksums[job[0]], d, cfg) if checksums[job[0]] else "" for d in job[2]] for job in jobs]
     hits = store.get_packed([k for ks in keys for k in ks], store.pack_index())
     rows, todo = [], []
     for job, job_keys in zip(jobs, keys, strict=True):
@@ -330,7 +331,7 @@ def run(cfg: CropConfig) -> CropResult:
                 report.problem("unreadable image", _image_name(job, cfg), error)
             elif store is not None:
                 new_entries.update(
-                    {k: (out_root / r["crop"]).read_bytes() for k, r in zip(keys[i], crop_rows, strict=True)}
+                    {k: (out_root / r["crop"]).read_bytes() for k, r in zip(keys[i], crop_rows, strict=True) if k}
                 )
             rows.extend(crop_rows)
     if store is not None:

@@ -194,8 +194,9 @@ def _fetch_one(
                     size = source.copy_to(key, tmp)
                     if cfg.verify:
                         verify_image(tmp, cfg.max_pixels)
-                    if row.get("_cache") is not None and row["checksum"]:
-                        row["_cache"].put_image(row["checksum"], tmp.read_bytes())
+                    store = row.get("_cache")
+                    if store is not None and row["checksum"] and not store.put_image(row["checksum"], tmp.read_bytes()):
+                        row["checksum"] = ""  # changed since the listing: the crop stage hashes the file itself
                 return "ok", size, ""
             except (_Missing, BadImageError, UnsafePathError):
                 raise
