@@ -12,7 +12,14 @@ from bench import run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("stage", sorted(run.available()))
+# Whole-pipeline and model-export stages take minutes even with --smoke; their inputs are the CLI and
+# examples/demo.yaml (pipeline) and exported models (serve, train), which their own tests cover. Run with -m slow.
+HEAVY = {"pipeline", "serve", "train"}
+
+
+@pytest.mark.parametrize(
+    "stage", [pytest.param(s, marks=pytest.mark.slow) if s in HEAVY else s for s in sorted(run.available())]
+)
 def test_bench_stage_runs_in_smoke_mode(stage, tmp_path):
     results = ROOT / "bench" / "results" / "latest.json"
     before = results.read_bytes() if results.is_file() else None
