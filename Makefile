@@ -24,7 +24,7 @@ PYTHON_IMAGE ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml requirements/constraints.txt requirements/no-deps.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/no-deps.txt src/animl_retrain/vision/_jpegcrop.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[ml,local,test,dev,mlflow-server]'

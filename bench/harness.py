@@ -37,6 +37,10 @@ class Row:
     higher_is_better: bool = True
     machine: dict = field(default_factory=dict)
     ratio: float | None = None
+    # Runnable tasks other than the bench's own, when the stage began and when the row was made (load()), and
+    # whether either was above one per core: then the machine was shared and the absolute figures are noisy.
+    load: dict = field(default_factory=dict)
+    noisy: bool | None = None
 
     def __post_init__(self):
         if self.ratio is None and self.ours and self.alternative_value:
@@ -73,6 +77,31 @@ def machine() -> dict:
     except ImportError:
         pass
     return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu or "no GPU"}
+
+
+def load(samples: int = 20, interval: float = 0.05) -> dict:
+    """How busy the machine is now, apart from this bench: runnable tasks, and the 1-minute load average.
+
+    ``runnable`` is the mean over ``samples`` readings of the kernel's count of running tasks
+    (``/proc/loadavg``'s fourth field) less the one reading it (this process). It is taken while the bench itself
+    is idle (before a stage starts, after its measurements), so it counts other work only; the load average lags
+    by a minute and includes the bench's own recent work, so it is recorded for context and not judged.
+    """
+    counts = []
+    for _ in range(samples):
+        try:
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        except (OSError, IndexError, ValueError):
+            return {"runnable": None, "loadavg_1min": None}
+        counts.append(max(0, running - 1))
+        time.sleep(interval)
+    return {"runnable": round(statistics.mean(counts), 2), "loadavg_1min": round(os.getloadavg()[0], 2)}
+
+
+def is_noisy(before: dict, after: dict, cores: int) -> bool | None:
+    """Whether other work used more than one runnable task per core before or after the measurement."""
+    seen = [x["runnable"] for x in (before, after) if x.get("runnable") is not None]
+    return None if not seen else max(seen) > cores
 
 
 def cpu_seconds() -> float:
@@ -163,10 +192,22 @@ class Context:
     quick: bool
     research_data: Path | None
     machine: dict
+    smoke: bool = False  # --smoke: --quick, one timed run, alternatives that need installing not run
+    load_before: dict = field(default_factory=dict)
 
     def row(self, **kwargs) -> Row:
-        """A Row stamped with this machine."""
-        return Row(machine=self.machine, **kwargs)
+        """A Row stamped with this machine and the load before the stage and now (see :func:`load`)."""
+        after = load(samples=2, interval=0.01) if self.smoke else load()
+        return Row(
+            machine=self.machine,
+            load={"before": self.load_before, "after": after},
+            noisy=is_noisy(self.load_before, after, self.machine.get("cores") or 1),
+            **kwargs,
+        )
+
+    def alternative(self, fn: Callable[[], object]) -> Callable[[], object]:
+        """``fn``, or with --smoke a no-op: the smoke test checks our side and the fixtures, not other tools."""
+        return (lambda: None) if self.smoke else fn
 
     def run(self, *cmd: str, **kwargs) -> subprocess.CompletedProcess:
         """Run a command, failing loudly with its output."""
@@ -181,6 +222,8 @@ class Context:
         The alternative's packages never enter the project's environment. The folder is reused when it already
         holds exactly these requirements (a ``--work`` folder kept between runs).
         """
+        if self.smoke:  # nothing is installed in a smoke run (no network in tests); ctx.alternative skips the use
+            return self.work / f"venv-{name}-not-installed" / "bin"
         root = self.work / f"venv-{name}"
         stamp = root / "bench-requirements.txt"
         wanted = "\n".join([*requirements, "--no-deps", *no_deps]) + "\n"
@@ -223,14 +266,30 @@ def markdown(rows: list[dict], mach: dict) -> str:
         "",
         f"Machine: {mach['cores']} cores, {mach['cpu']}, {mach['gpu']}.",
         "",
-        "| stage | metric | ours | alternative | theirs | ratio | input |",
-        "|---|---|---|---|---|---|---|",
+        "Load: other runnable tasks before the stage → after the row (1-minute load average in brackets);",
+        "**noisy** where either count was above one per core.",
+        "",
+        "| stage | metric | ours | alternative | theirs | ratio | load | input |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ours = "—" if r["ours"] is None else f"{r['ours']:.4g} {r['unit']}"
         theirs = "—" if r["alternative_value"] is None else f"{r['alternative_value']:.4g} {r['unit']}"
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
         lines.append(
-            f"| {r['stage']} | {r['metric']} | {ours} | {r['alternative']} | {theirs} | {ratio} | {r['input']} |"
+            f"| {r['stage']} | {r['metric']} | {ours} | {r['alternative']} | {theirs} | {ratio} | {_load_cell(r)} "
+            f"| {r['input']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _load_cell(row: dict) -> str:
+    """``0.1 → 0.3 (1.2 → 1.9)``, with **noisy** where the row was measured on a shared machine."""
+    before, after = (row.get("load") or {}).get("before") or {}, (row.get("load") or {}).get("after") or {}
+    if not before and not after:
+        return "not recorded"
+
+    def fmt(key: str) -> str:
+        return " → ".join("?" if x.get(key) is None else f"{x[key]:.1f}" for x in (before, after))
+
+    return f"{fmt('runnable')} ({fmt('loadavg_1min')})" + (" **noisy**" if row.get("noisy") else "")

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from bench import stages
-from bench.harness import Context, machine, markdown, write_results
+from bench.harness import Context, load, machine, markdown, write_results
 
 
 def available() -> dict[str, object]:
@@ -30,9 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", action="append", choices=sorted(modules), help="run only this stage (repeatable)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median taken)")
     parser.add_argument("--quick", action="store_true", help="smaller inputs, for checking the bench itself")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="--quick with one timed run and no alternative that needs installing (what the tests run)",
+    )
     parser.add_argument("--research-data", type=Path, help="folder of real camera-trap data (never committed)")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.quick, args.repeats = True, 1
 
     chosen = args.stage or list(modules)
     # The stages' own progress and problem lines (20 deliberately missing keys per download run...) would bury
@@ -45,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in chosen:
             print(f"== {name}", file=sys.stderr, flush=True)
             ctx = Context(
-                work=work / name, repeats=args.repeats, quick=args.quick, research_data=args.research_data, machine=mach
+                work=work / name,
+                repeats=args.repeats,
+                quick=args.quick,
+                research_data=args.research_data,
+                machine=mach,
+                smoke=args.smoke,
+                load_before=load(samples=2, interval=0.01) if args.smoke else load(),
             )
             ctx.work.mkdir(parents=True, exist_ok=True)
             stage_rows = modules[name].run(ctx)

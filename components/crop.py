@@ -13,6 +13,8 @@ def crop_op(
     crops: Output[Dataset],
     crop_size: int = 224,
     box_source: str = "both",
+    cache_uri: str = "",
+    cache_max_gb: float = 50.0,
 ):
     """Cut and store the crops (ground-truth and/or detector boxes), with a manifest."""
     from animl_retrain.components.runtime import run_stage
@@ -29,4 +31,6 @@ def crop_op(
         out=crops.path,
         crop_size=crop_size,
         box_source=box_source,
+        cache_uri=cache_uri,
+        cache_max_gb=cache_max_gb,
     )

@@ -12,6 +12,8 @@ def download_op(
     images: Output[Dataset],
     workers: int = 16,
     max_missing_fraction: float = 0.05,
+    cache_uri: str = "",
+    cache_max_gb: float = 50.0,
 ):
     """Download every image with kept objects; missing and undecodable ones are reported."""
     from animl_retrain.components.runtime import run_stage
@@ -27,4 +29,6 @@ def download_op(
         out=images.path,
         workers=workers,
         max_missing_fraction=max_missing_fraction,
+        cache_uri=cache_uri,
+        cache_max_gb=cache_max_gb,
     )

@@ -21,6 +21,11 @@ RUN python deps.py --gpu ml > requirements.txt \
 
 # 2. The package itself, as a wheel.
 FROM deps AS package
+# The crop stage's partial JPEG decoder (src/animl_retrain/vision/_jpegcrop.c) is built against libjpeg-turbo.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libjpeg62-turbo-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY README.md ./
 COPY src/ src/
 COPY components/ components/
@@ -35,11 +40,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/home/animl \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjpeg62-turbo \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --gid 10001 animl \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/animl --shell /usr/sbin/nologin animl
 COPY --from=deps /opt/venv /opt/venv
 RUN --mount=type=bind,from=package,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-deps /wheels/*.whl \
-    && python -c "import kfp, mlflow, torch, torchvision, animl_retrain.stages.train, animl_retrain.mlflow_model"
+    && python -c "import kfp, mlflow, torch, torchvision, animl_retrain.stages.train, animl_retrain.mlflow_model, animl_retrain.vision._jpegcrop"
 WORKDIR /home/animl
 USER 10001:10001

@@ -93,6 +93,8 @@ def retrain_pipeline(
     split_method: str = "optimise",
     split_group_by: str = "auto",
     sequence_gap: float = 60.0,
+    cache_uri: str = "",
+    cache_max_gb: float = 50.0,
 ):
     """Animl's classifier retraining pipeline.
 
@@ -165,6 +167,9 @@ def retrain_pipeline(
         split_group_by: what the split keeps whole: 'location', 'sequence' (bursts of one camera, by the
             datetime of its images) or 'auto' (by location unless the export has no usable location).
         sequence_gap: seconds: an image this close to the previous one of its camera joins its sequence.
+        cache_uri: s3://bucket/prefix of a content-addressed cache of images and crops shared by reruns (a
+            scheduled retrain then fetches and crops only what is new); '' (default) turns it off.
+        cache_max_gb: size limit of that cache; the oldest entries are removed first.
     """
     # The exit handler runs after every step in the block, whether they succeeded or not (locally too). Backends
     # before 2.14 cannot hand it the block's final status; it asks the KFP API for the run's state there.
@@ -196,7 +201,15 @@ def retrain_pipeline(
         )
         # Incremental mode: export answers 'skip' (and says why in its summary) when nothing new was validated.
         with dsl.If(export.outputs["Output"] == "train", name="new-validated-labels"):
-            images = stage("download", download_op(export=export.outputs["export"], images_uri=images_uri))
+            images = stage(
+                "download",
+                download_op(
+                    export=export.outputs["export"],
+                    images_uri=images_uri,
+                    cache_uri=cache_uri,
+                    cache_max_gb=cache_max_gb,
+                ),
+            )
             ground_truth = stage(
                 "cct-to-md", cct_to_md_op(export=export.outputs["export"], images=images.outputs["images"])
             )
@@ -220,6 +233,8 @@ def retrain_pipeline(
                     detections=detections.outputs["detections"],
                     crop_size=image_size,
                     box_source=box_source,
+                    cache_uri=cache_uri,
+                    cache_max_gb=cache_max_gb,
                 ),
             )
             split = stage(

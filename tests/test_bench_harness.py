@@ -20,6 +20,8 @@ def test_ratio_says_how_many_times_better_ours_is():
         "ratio",
         "input",
         "machine",
+        "load",
+        "noisy",
     }
 
 
@@ -44,7 +46,7 @@ def test_results_merge_by_stage_and_are_written_as_json_and_markdown(tmp_path, m
     latest, table = harness.write_results([harness.Row("b", "m2", "u", 4.0, "alt", 2.0, "in")], ["b"], mach)
     rows = json.loads(latest.read_text())
     assert [(r["stage"], r["metric"]) for r in rows] == [("a", "m"), ("b", "m2")]
-    assert "| b | m2 | 4 u | alt | 2 u | 2.00× | in |" in table.read_text()
+    assert "| b | m2 | 4 u | alt | 2 u | 2.00× | not recorded | in |" in table.read_text()
     assert "no GPU" in table.read_text()
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from animl_retrain.modeling import transforms
 from animl_retrain.modeling.transforms import ColourJitter, normalise, train_transform
 from animl_retrain.vision.preprocessing import Preprocessing
 
@@ -60,6 +61,33 @@ def test_normalise_is_imagenet_normalisation():
     assert torch.allclose(normalise(pre, batch), (batch.float() / 255 - mean) / std, atol=1e-5)
 
 
-def test_train_transform_keeps_size_and_dtype(crop):
-    out = train_transform(Preprocessing(image_size=64))(crop)
-    assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
+def test_train_transform_keeps_size_and_normalises(crop):
+    pre = Preprocessing(image_size=64)
+    out = train_transform(pre)(crop)
+    assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+    assert normalise(pre, out[None]) is not None and torch.equal(normalise(pre, out[None]), out[None])
+
+
+def test_batch_augment_draws_each_item_from_its_own_seed():
+    from animl_retrain.modeling.transforms import BatchAugment
+
+    batch = torch.randint(0, 256, (10, 3, 40, 40), dtype=torch.uint8)
+    augment = BatchAugment(32)
+    whole = augment(batch, list(range(100, 110)))
+    alone = augment(batch[[3]], [103])  # the same item, the same seed, other batch-mates (none)
+    assert whole.shape == (10, 3, 32, 32) and whole.dtype == torch.uint8
+    assert torch.equal(whole[3], alone[0]) and not torch.equal(whole[3], augment(batch[[3]], [104])[0])
+
+
+def test_batch_augment_without_randomness_is_a_resize_and_step_3():
+    from animl_retrain.modeling.transforms import BatchAugment
+
+    pre = Preprocessing(image_size=32)
+    batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    plain = BatchAugment(32, pre.mean, pre.std, scale=(1, 1), ratio=(1, 1), p_rotate=0, p_grey=0)
+    plain.jitter = transforms.ColourJitter()  # no jitter
+    seeds = [s for s in range(200) if transforms._uniforms([s], 10)[0, 4] >= 0.5][:4]  # draws without a flip
+    out = plain(batch, seeds)
+    assert torch.allclose(out, normalise(pre, batch), atol=1e-4)
+    flipped = [s for s in range(200) if transforms._uniforms([s], 10)[0, 4] < 0.5][:4]
+    assert torch.allclose(plain(batch, flipped), normalise(pre, batch.flip(-1)), atol=1e-4)

@@ -113,7 +113,7 @@ def run(ctx):
             if got != n:
                 raise AssertionError(f"aws s3 sync: expected {n} files, got {got}")
 
-        ours_t, theirs_t = measure_pair(ours, theirs, repeats=ctx.repeats, setup=clear)
+        ours_t, theirs_t = measure_pair(ours, ctx.alternative(theirs), repeats=ctx.repeats, setup=clear)
         ours_s, theirs_s = ours_t.wall, theirs_t.wall
         clear()
     finally:

@@ -26,6 +26,9 @@ IMAGES = {
     # fetches it and the detect stage runs MegaDetector on it. Where the export lacks the image size, boxes at
     # the top-left corner count as possibly full-frame; detect and crop decide on the normalised boxes.
     "needs_detection": "bool",
+    # The checksum the image's source keeps (md5-… or sha256-…), set by the download stage when it uses the
+    # cache; an image listed with a checksum may be in the cache only, not on disk. "" when unknown.
+    "checksum": "str",
 }
 
 # Every annotation kept by the label spec: one crop each.
@@ -69,7 +72,7 @@ SPLIT = {**CROPS, "group": "str", "split": "str"}
 # Columns added after a table's first version: a table written without them (by an older run, or a cached
 # stage output) reads, and writes, with this value there. The split reports what an empty camera or datetime
 # means for sequence grouping.
-ADDED_LATER = {"camera": "", "datetime": "", "group": ""}
+ADDED_LATER = {"camera": "", "datetime": "", "group": "", "checksum": ""}
 
 
 def write_table(df: pd.DataFrame, path: Path, schema: dict[str, str]) -> None:

@@ -2,8 +2,9 @@
 
 The crop stage already resized each crop to the training size, so an epoch costs no JPEG decoding at all:
 :func:`decode_crops` fills a memory-mapped ``(N, H, W, 3)`` uint8 array once (in parallel), and
-:class:`CropDataset` hands out ``(3, H, W)`` uint8 tensors through the per-image transform. Normalisation
-(:func:`animl_retrain.modeling.transforms.normalise`) runs on whole batches, on the model's device.
+:class:`CropDataset` hands out whole uint8 batches, augmented in one go by a batched transform
+(:class:`~animl_retrain.modeling.transforms.BatchAugment`), or ``(3, H, W)`` tensors through a per-image one.
+Normalisation (:func:`animl_retrain.modeling.transforms.normalise`) runs on whole batches, on the model's device.
 
 Training order and augmentation are functions of ``(seed, epoch, position in the epoch)`` alone
 (:class:`EpochSampler` hands each item its own augmentation seed), so a run resumed in the middle of an epoch
@@ -89,6 +90,42 @@ class CropDataset:
                     x = self.transform(x)
         return x, int(self.targets[i])
 
+    def __getitems__(self, keys: list):
+        """A whole batch ``(uint8 (N, 3, H, W), labels)``, the DataLoader's batched fetch.
+
+        A batched transform (``transform.batched``, :class:`~animl_retrain.modeling.transforms.BatchAugment`)
+        augments the batch in one go, each item by its own seed; any other runs per item, as ``[key]`` does.
+        """
+        import torch
+
+        if not getattr(self.transform, "batched", False):
+            return Batch(*default_collate([self[k] for k in keys]))
+        pairs = [k if isinstance(k, tuple) else (k, None) for k in keys]
+        index = np.array([i for i, _ in pairs])
+        seeds = [s for _, s in pairs]
+        x = torch.from_numpy(np.ascontiguousarray(self.array[index])).permute(0, 3, 1, 2)
+        x = self.transform(x, None if None in seeds else seeds)
+        return Batch(x, torch.from_numpy(self.targets[index]))
+
+
+class Batch(tuple):
+    """``(images, labels)`` already stacked by :meth:`CropDataset.__getitems__`."""
+
+    def __new__(cls, x, y):  # noqa: D102
+        return super().__new__(cls, (x, y))
+
+
+def default_collate(items):
+    """Torch's collation of ``(image, label)`` items into ``(images, labels)``."""
+    from torch.utils.data import default_collate as collate
+
+    return collate(items)
+
+
+def collate(batch):
+    """The DataLoader's collate_fn: a :class:`Batch` is ready; anything else is collated as torch does."""
+    return tuple(batch) if isinstance(batch, Batch) else default_collate(batch)
+
 
 class EpochSampler:
     """Yields ``(index, augmentation seed)`` for one epoch; the order depends only on the seed and the epoch.
@@ -158,4 +195,5 @@ def make_loader(
         prefetch_factor=4 if workers > 0 else None,
         generator=generator,
         drop_last=drop_last,
+        collate_fn=collate,
     )

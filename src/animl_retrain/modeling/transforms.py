@@ -1,8 +1,9 @@
 """The tensor side of preprocessing, built from a model's :class:`~animl_retrain.vision.preprocessing.Preprocessing`.
 
 Step 3 (normalisation, on whole batches on the model's device), the resize of evaluation and serving, and the
-training augmentation, as small callables (torchvision's ``presets.py``). The record they are built from travels
-with every checkpoint, so evaluation, export and serving rebuild exactly what training used.
+training augmentation (on whole batches: :class:`BatchAugment`), as small callables (torchvision's
+``presets.py``). The record they are built from travels with every checkpoint, so evaluation, export and
+serving rebuild exactly what training used.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ def normalise(preprocessing: Preprocessing, batch):
     """Step 3 on a uint8 tensor batch ``(N, 3, H, W)``: float, scaled to 0..1, ImageNet-normalised.
 
     ``(x / 255 - mean) / std`` computed as one scale and one shift in place, a third of the memory passes.
+    A float batch comes from :class:`BatchAugment`, which folds this step into its colour matrix: it is
+    returned as it is.
     """
     import torch
+
+    if batch.is_floating_point():
+        return batch
 
     std = torch.tensor(preprocessing.std, dtype=torch.float64)
     scale = (1.0 / (255.0 * std)).float().to(batch.device).view(1, 3, 1, 1)
@@ -31,27 +37,133 @@ def eval_transform(preprocessing: Preprocessing):
 
 
 def train_transform(preprocessing: Preprocessing, augmentation: str = "camera-trap"):
-    """Per-image training transform on uint8 tensors; ``augmentation`` is 'camera-trap' or 'none'.
+    """Training transform on uint8 tensors; ``augmentation`` is 'camera-trap' (a :class:`BatchAugment`) or 'none'.
 
     Camera-trap augmentation: horizontal flips (animals face both ways), small rotations and scale changes
     (camera tilt, distance), brightness/contrast/saturation jitter (dawn, dusk, weather) and grayscale
     (night infrared frames). No hue shift: daylight does not turn a fox blue. No vertical flips: animals stand
     on the ground.
     """
-    from torchvision.transforms import v2
-
-    size = (preprocessing.image_size, preprocessing.image_size)
     if augmentation == "none":
         return eval_transform(preprocessing)
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.RandomRotation(10)], p=0.3),
-            ColourJitter(brightness=0.3, contrast=0.3, saturation=0.2),
-            v2.RandomGrayscale(p=0.1),
-        ]
-    )
+    return BatchAugment(preprocessing.image_size, preprocessing.mean, preprocessing.std)
+
+
+def _uniforms(seeds, k: int):
+    """``(len(seeds), k)`` uniform draws in [0, 1), each a function of its item's seed alone (SplitMix64)."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        z = np.asarray(seeds, dtype=np.int64).astype(np.uint64)[:, None]
+        z = z + np.arange(1, k + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
+class BatchAugment:
+    """The camera-trap augmentation of a whole uint8 batch ``(N, 3, H, W)`` at once, with no per-crop Python.
+
+    Per item, as torchvision's ``RandomResizedCrop(scale=(0.75, 1), ratio=(0.9, 1.1))``, ``RandomHorizontalFlip``,
+    ``RandomApply([RandomRotation(10)], p=0.3)``, :class:`ColourJitter` (brightness 0.3, contrast 0.3, saturation
+    0.2) and ``RandomGrayscale(p=0.1)`` would draw them; but the crop, flip and rotation compose into one affine
+    map per item, applied to the batch by one ``grid_sample`` (bilinear, zeros outside, as the rotation fills),
+    and the colour steps into one 3x3 matrix plus an offset per item, applied by one ``einsum``. Each item's
+    draws are a function of its own seed (``seeds``; the epoch sampler's), so a batch's augmentation does not
+    depend on which items share it or which worker made it, and a resumed run repeats it exactly.
+    """
+
+    batched = True
+    CHUNK = 8  # items per pass; measured on one core: 1.7 ms per crop for a whole batch of 64 at once, 0.8 in 8s
+
+    def __init__(
+        self,
+        size: int,
+        mean=None,
+        std=None,
+        scale=(0.75, 1.0),
+        ratio=(0.9, 1.1),
+        degrees=10.0,
+        p_rotate=0.3,
+        p_grey=0.1,
+    ):
+        import torch
+
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.degrees, self.p_rotate, self.p_grey = degrees, p_rotate, p_grey
+        self.jitter = ColourJitter(brightness=0.3, contrast=0.3, saturation=0.2)
+        # With mean and std, step 3 comes folded into the colour matrix: float batches out, normalised already
+        # (:func:`normalise` passes them through), which saves a float pass over every batch.
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32)
+
+    def __call__(self, batch, seeds=None):
+        """Augment ``batch`` (or one ``(3, H, W)`` image); without ``seeds``, they come from torch's generator."""
+        import torch
+
+        single = batch.dim() == 3
+        x = (batch[None] if single else batch).contiguous()
+        if seeds is None:
+            seeds = torch.randint(0, 2**62, (len(x),)).tolist()
+        u = torch.from_numpy(_uniforms(seeds, 10)).float()
+        out = torch.empty((len(x), 3, self.size, self.size), dtype=torch.uint8 if self.std is None else torch.float32)
+        for i in range(0, len(x), self.CHUNK):  # a few items at a time: the float intermediates stay in cache
+            part = slice(i, i + self.CHUNK)
+            out[part] = self.colour(self.geometry(x[part], u[part, :6]), u[part, 6:])
+        return out[0] if single else out
+
+    def geometry(self, x, u):
+        """Resized crop, flip and rotation as one affine ``grid_sample`` at ``size``; returns float."""
+        import math
+
+        import torch
+        import torch.nn.functional as F
+
+        area = self.scale[0] + u[:, 0] * (self.scale[1] - self.scale[0])
+        log_ratio = math.log(self.ratio[0]) + u[:, 1] * (math.log(self.ratio[1]) - math.log(self.ratio[0]))
+        w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+        h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+        cx, cy = (2 * u[:, 2] - 1) * (1 - w), (2 * u[:, 3] - 1) * (1 - h)
+        flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+        angle = torch.where(u[:, 5] < self.p_rotate, (u[:, 5] / self.p_rotate * 2 - 1) * self.degrees, 0.0)
+        cos, sin = torch.cos(torch.deg2rad(angle)), torch.sin(torch.deg2rad(angle))
+        # input = S F R output + t: rotate in the output frame, flip, then scale and move onto the crop.
+        theta = torch.stack(
+            [
+                torch.stack([w * flip * cos, -w * flip * sin, cx], dim=1),
+                torch.stack([h * sin, h * cos, cy], dim=1),
+            ],
+            dim=1,
+        )
+        # affine_grid's result, as one broadcast sum (affine_grid's batched product costs twice as much)
+        base = (torch.arange(self.size, dtype=torch.float32) * 2 + 1) / self.size - 1
+        gx, gy = base[None, None, :, None], base[None, :, None, None]
+        grid = gx * theta[:, None, None, :, 0] + gy * theta[:, None, None, :, 1] + theta[:, None, None, :, 2]
+        return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def colour(self, x, u):
+        """Brightness, contrast, saturation, grayscale and step 3 as one matrix and offset per item."""
+        import torch
+
+        j = self.jitter
+        b, c, s = (1 + (2 * u[:, k] - 1) * f for k, f in enumerate((j.brightness, j.contrast, j.saturation)))
+        luma = torch.tensor(LUMA)
+        grey_rows = luma.expand(3, 3)
+        matrix = (c * b)[:, None, None] * (s[:, None, None] * torch.eye(3) + (1 - s)[:, None, None] * grey_rows)
+        offset = ((1 - c) * b * (x.mean(dim=(2, 3)) @ luma))[:, None, None].expand(-1, 3, 1)
+        grey = u[:, 3] < self.p_grey
+        matrix = torch.where(grey[:, None, None], grey_rows @ matrix, matrix)  # offsets are grey already
+        if self.std is None:  # uint8 out; + 0.5 makes the truncating conversion round, without a pass of its own
+            out = torch.baddbmm(offset + 0.5, matrix, x.flatten(2)).view_as(x)
+            return out.clamp_(0, 255).to(torch.uint8)
+        # normalised float out: (y / 255 - mean) / std folded into the matrix and offset, the clamp to 0..255 moved
+        k, mean = 1 / (255 * self.std), self.mean / self.std
+        out = torch.baddbmm(k[:, None] * offset - mean[:, None], k[:, None] * matrix, x.flatten(2)).view_as(x)
+        return out.clamp_(-mean.view(3, 1, 1), (255 * k - mean).view(3, 1, 1))
+
+    def __repr__(self) -> str:
+        return f"BatchAugment(size={self.size}, scale={self.scale}, ratio={self.ratio}, degrees={self.degrees})"
 
 
 # ITU-R BT.601 luma weights (what torchvision's grayscale uses) and the RGB -> YIQ matrix.

@@ -3,7 +3,8 @@
 Boxes come from MegaDetector-format files: the ground truth written by cct-to-md, the detect stage's
 MegaDetector results, or both (ground truth wins where it locates the animal; detector boxes take the image's
 Animl label, and ``box_source`` in ``crops.csv`` says which it was). Each image is decoded once,
-at the smallest JPEG scale that still leaves every crop at full resolution, and its crops are cut with the
+at the smallest JPEG scale that still leaves every crop at full resolution and, for baseline JPEGs, only where
+its crops lie (:func:`~animl_retrain.vision.preprocessing.crop_squares`), and its crops are cut with the
 shared rule in :mod:`animl_retrain.vision.preprocessing`. Images are spread over every core. ``crops.csv`` lists
 each crop with its source image, annotation id, label, location and box; unreadable images are reported.
 """
@@ -11,7 +12,9 @@ each crop with its source image, annotation id, label, location and box; unreada
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -22,14 +25,18 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from animl_retrain.config import StageConfig
+from animl_retrain.core import cache
 from animl_retrain.core.checks import safe_filename, safe_relpath
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.core.io import atomic_path, remove_partial_files
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
 from animl_retrain.formats import layout, mdformat, tables
-from animl_retrain.vision.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
-from animl_retrain.vision.preprocessing import cut_square, draft_scale
+from animl_retrain.vision.images import DEFAULT_MAX_PIXELS, BadImageError
+from animl_retrain.vision.preprocessing import CROP_RULE, crop_squares
+
+CACHE_VERSION = 1  # bump when the crop's pixels change for the same image, box and settings
+CACHED_IMAGES_DIR = ".cached-images"  # images fetched from the cache for this run, removed at its end
 
 
 class CropConfig(StageConfig):
@@ -49,6 +56,10 @@ class CropConfig(StageConfig):
     detection_threshold: float | None = Field(
         None, gt=0, le=1, description="animal detections at or above this become crops (default: the detect stage's)"
     )
+    cache_uri: str = Field(
+        "", description="content-addressed cache (s3://bucket/prefix or a folder) shared by reruns; '' turns it off"
+    )
+    cache_max_gb: float = Field(50.0, gt=0, description="size limit of the cache; the oldest entries go first")
 
 
 class CropResult(BaseModel):
@@ -57,6 +68,7 @@ class CropResult(BaseModel):
     crops: int
     per_class: dict[str, int]
     failed_images: int
+    from_cache: int = 0
 
 
 def crop_name(annotation_id: str) -> str:
@@ -70,29 +82,83 @@ def _crop_image(job: tuple) -> tuple[list[dict], str | None]:
     image_path, out_root, dets, size, quality, max_pixels = job
     boxes = [(d["x"], d["y"], d["w"], d["h"]) for d in dets]
     try:
-        img, _ = open_image(image_path, max_pixels, scale_for=lambda w, h: draft_scale(boxes, w, h, size))
+        squares = crop_squares(image_path, boxes, size, max_pixels)
     except BadImageError as e:
         return [], str(e)
     rows = []
-    for det, box in zip(dets, boxes, strict=True):
-        rel = f"{safe_filename(det['label'], 60)}/{crop_name(det['annotation_id'])}"
-        with atomic_path(Path(out_root) / rel) as tmp:
-            cut_square(img, box, size).save(tmp, format="JPEG", quality=quality)
-        rows.append({**det, "crop": rel})
+    for det, square in zip(dets, squares, strict=True):
+        with atomic_path(Path(out_root) / _crop_path(det)) as tmp:
+            square.save(tmp, format="JPEG", quality=quality)
+        rows.append({**det, "crop": _crop_path(det)})
     return rows, None
 
 
-def _ground_truth_boxes(results: dict, by_file: pd.DataFrame, report: Report) -> dict[str, list[dict]]:
+def _crop_path(det: dict) -> str:
+    return f"{safe_filename(det['label'], 60)}/{crop_name(det['annotation_id'])}"
+
+
+def cache_key(checksum: str, det: dict, cfg: CropConfig) -> str:
+    """The content-derived key of one crop: the image's checksum, the box and every setting that shapes the pixels."""
+    what = [CACHE_VERSION, CROP_RULE, checksum, [round(det[k], 9) for k in "xywh"], cfg.crop_size, cfg.jpeg_quality]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def _from_cache(jobs: list[tuple], cfg: CropConfig, checksums: dict[Path, str], store: cache.ContentCache):
+    """Write the crops the cache holds; return the rows written and the jobs still to do, with their crop keys.
+
+    A job whose every crop is cached is done here; any other goes to the decoder whole (one decode per image).
+    An image the download stage left in the cache is fetched from it (checked against its checksum) for that.
+    """
+    # an image with no checksum (neither on disk nor listed with one) has no keys: it fails to decode below
+    keys = [[cache_key(checksums[job[0]], d, cfg) if checksums[job[0]] else "" for d in job[2]] for job in jobs]
+    hits = store.get_packed([k for ks in keys for k in ks], store.pack_index())
+    rows, todo = [], []
+    for job, job_keys in zip(jobs, keys, strict=True):
+        if all(k in hits for k in job_keys):
+            for det, key in zip(job[2], job_keys, strict=True):
+                with atomic_path(Path(job[1]) / _crop_path(det)) as tmp:
+                    tmp.write_bytes(hits[key])
+                rows.append({**det, "crop": _crop_path(det)})
+            continue
+        if not job[0].is_file():
+            data = store.get_image(checksums[job[0]])
+            if data is not None:
+                local = Path(cfg.out) / CACHED_IMAGES_DIR / checksums[job[0]]
+                with atomic_path(local) as tmp:
+                    tmp.write_bytes(data)
+                job = (local, *job[1:])
+        todo.append((job, job_keys))
+    return rows, todo
+
+
+def _checksums(jobs: list[tuple], images: pd.DataFrame, root: Path) -> dict[Path, str]:
+    """Each job's image checksum: the download stage's (from the source), else a hash of the file on disk."""
+    known = dict(zip(images["file"], images["checksum"], strict=True))
+    out = {}
+    for job in jobs:
+        checksum = known.get(job[0].relative_to(root).as_posix(), "")
+        if not checksum and job[0].is_file():
+            checksum = cache.file_checksum(job[0])
+        out[job[0]] = checksum
+    return out
+
+
+def _image_name(job: tuple, cfg: CropConfig) -> str:
+    root = Path(cfg.images) / layout.IMAGES_DIR
+    return str(job[0].relative_to(root)) if job[0].is_relative_to(root) else job[0].name
+
+
+def _ground_truth_boxes(results: dict, by_file: dict[str, dict], report: Report) -> dict[str, list[dict]]:
     """Crop rows (without the crop path) for every ground-truth box, by image file."""
     labels = results.get("classification_categories") or {}
     boxes: dict[str, list[dict]] = {}
     for im in results["images"]:
         file = im["file"]
-        if file not in by_file.index:
+        if file not in by_file:
             report.problem("box on an image that is not downloaded", file)
             continue
         safe_relpath(file, "results file entry")
-        meta = by_file.loc[file]
+        meta = by_file[file]
         dets = boxes.setdefault(file, [])
         for det in im.get("detections") or []:
             cls = det.get("classifications") or []
@@ -142,7 +208,7 @@ def _located(ground_truth: dict[str, list[dict]]) -> set[str]:
 def _detector_boxes(
     detections: dict,
     ground_truth: dict[str, list[dict]],
-    by_file: pd.DataFrame,
+    by_file: dict[str, dict],
     threshold: float,
     report: Report,
     skip: set[str],
@@ -157,7 +223,7 @@ def _detector_boxes(
     excluded: Counter[str] = Counter()
     for im in detections["images"]:
         file = im["file"]
-        if im.get("failure") or file not in by_file.index or file in skip:
+        if im.get("failure") or file not in by_file or file in skip:
             continue  # the detect stage reported a failure; ground truth (if any) stands in
         safe_relpath(file, "results file entry")
         labels = sorted({row["label"] for row in ground_truth.get(file, [])})
@@ -180,7 +246,7 @@ def _detector_boxes(
             report.problem(what, file, f"labels {labels}; {len(animals)} detector boxes not used")
             boxes[file] = []
         else:
-            meta = by_file.loc[file]
+            meta = by_file[file]
             boxes[file] = [
                 _row(meta, file, labels[0], d, "detector", f"{meta['image_id']}#md{k}", k)
                 for k, d in enumerate(animals)
@@ -209,7 +275,7 @@ def _jobs_from_results(
     results: dict, detections: dict | None, images: pd.DataFrame, cfg: CropConfig, out_root: Path, report: Report
 ):
     """Turn the box sources into one job per image, checking every referenced file against the image table."""
-    by_file = images.set_index("file")
+    by_file = images.set_index("file").to_dict("index")  # a dict: a row lookup per image costs no pandas call
     boxes = _ground_truth_boxes(results, by_file, report)
     if detections is not None and cfg.box_source != "ground_truth":
         info = detections.get("info") if isinstance(detections.get("info"), dict) else {}
@@ -242,28 +308,56 @@ def run(cfg: CropConfig) -> CropResult:
     out_root.mkdir(parents=True, exist_ok=True)
     report.details["removed_partial_files"] = remove_partial_files(out_root)
     jobs = _jobs_from_results(results, detections, images, cfg, out_root, report)
+    n_images = len(jobs)
 
     rows: list[dict] = []
+    store = None
+    if cfg.cache_uri:
+        store = cache.ContentCache(cfg.cache_uri, cfg.cache_max_gb)
+        checksums = _checksums(jobs, images, Path(cfg.images) / layout.IMAGES_DIR)
+        rows, todo = _from_cache(jobs, cfg, checksums, store)
+        jobs, keys = [j for j, _ in todo], [k for _, k in todo]
+    from_cache = len(rows)
     failed = 0
+    new_entries: dict[str, bytes] = {}
     workers = cfg.workers or os.cpu_count() or 1
     with ProcessPoolExecutor(workers) as pool:
         outcomes = pool.map(_crop_image, jobs, chunksize=max(1, min(16, len(jobs) // (workers * 4) or 1)))
-        for job, (crop_rows, error) in tqdm(
-            zip(jobs, outcomes, strict=True), total=len(jobs), desc="crop", disable=None
+        for i, (job, (crop_rows, error)) in enumerate(
+            tqdm(zip(jobs, outcomes, strict=True), total=len(jobs), desc="crop", disable=None)
         ):
             if error:
                 failed += 1
-                report.problem("unreadable image", str(job[0].relative_to(Path(cfg.images) / layout.IMAGES_DIR)), error)
+                report.problem("unreadable image", _image_name(job, cfg), error)
+            elif store is not None:
+                new_entries.update(
+                    {k: (out_root / r["crop"]).read_bytes() for k, r in zip(keys[i], crop_rows, strict=True) if k}
+                )
             rows.extend(crop_rows)
+    if store is not None:
+        shutil.rmtree(Path(cfg.out) / CACHED_IMAGES_DIR, ignore_errors=True)
+        store.put_packed(new_entries)
+        report.details["cache"] = {
+            "uri": cfg.cache_uri,
+            "crops_from_cache": from_cache,
+            "crops_added": len(new_entries),
+            "entries_refused": store.refused,
+        }
     if not rows:
-        raise PipelineError(f"crop: no crop could be made from {len(jobs)} images; see {Path(cfg.out) / 'report.json'}")
+        raise PipelineError(f"crop: no crop could be made from {n_images} images; see {Path(cfg.out) / 'report.json'}")
 
     crops = pd.DataFrame(rows)
     tables.write_table(crops, Path(cfg.out) / layout.CROPS_TABLE, tables.CROPS)
     per_class = dict(sorted(Counter(crops["label"]).items()))
-    report.counts.update(images=len(jobs), crops=len(crops), failed_images=failed)
+    report.counts.update(images=n_images, crops=len(crops), failed_images=failed, crops_from_cache=from_cache)
     report.details["per_box_source"] = dict(sorted(Counter(crops["box_source"]).items()))
     report.details.update(per_class=per_class, crop_size=cfg.crop_size)
     report.finish(cfg.out)
-    log.info("crop: %d crops from %d images (%d unreadable)", len(crops), len(jobs), failed)
-    return CropResult(crops=len(crops), per_class=per_class, failed_images=failed)
+    log.info(
+        "crop: %d crops from %d images (%d unreadable, %d crops from the cache)",
+        len(crops),
+        n_images,
+        failed,
+        from_cache,
+    )
+    return CropResult(crops=len(crops), per_class=per_class, failed_images=failed, from_cache=from_cache)

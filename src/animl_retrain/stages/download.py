@@ -8,6 +8,10 @@ stage decodes it anyway). Missing objects and truncated or undecodable images ar
 and skipped; the stage fails above ``max_missing_fraction`` or when objects could not be fetched at all (a
 dead endpoint), so that nothing is lost silently. An endpoint that dies mid-run is given up on after one object
 has spent its retries on it, rather than once per object. ``images.csv`` lists the images on disk.
+
+With ``cache_uri`` set, each image is named by the checksum its source keeps, images already in that
+content-addressed cache are not fetched again (``images.csv`` lists them with their checksum; the crop stage
+reads them, or their crops, from the cache), and new ones are added to it (:mod:`animl_retrain.core.cache`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from animl_retrain.config import StageConfig
-from animl_retrain.core import storage
+from animl_retrain.core import cache, storage
 from animl_retrain.core.checks import safe_relpath
 from animl_retrain.core.errors import DiskFullError, PipelineError, UnsafePathError
 from animl_retrain.core.io import atomic_path, remove_partial_files
@@ -49,6 +53,10 @@ class DownloadConfig(StageConfig):
     max_missing_fraction: float = Field(0.05, ge=0, le=1, description="fail if more images than this are missing")
     verify: bool = Field(True, description="check each image is whole (header, pixel ceiling, JPEG end marker)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="refuse images with more pixels than this")
+    cache_uri: str = Field(
+        "", description="content-addressed cache (s3://bucket/prefix or a folder) shared by reruns; '' turns it off"
+    )
+    cache_max_gb: float = Field(50.0, gt=0, description="size limit of the cache; the oldest entries go first")
 
 
 class DownloadResult(BaseModel):
@@ -56,6 +64,7 @@ class DownloadResult(BaseModel):
 
     downloaded: int
     already_present: int
+    in_cache: int = 0
     missing: int
     corrupt: int
     bytes: int
@@ -79,6 +88,16 @@ class _Source:
         self.prefix = prefix.rstrip("/") + "/" if prefix else ""
         self.client = storage.s3_client(max_pool_connections=workers, max_attempts=3)
         storage.check_bucket(self.client, self.bucket)
+
+    def checksums(self, keys: list[str]) -> dict[str, str | None]:
+        """The content checksum the source keeps for each key (S3: one listing; a folder: hashing each file)."""
+        if self.local is not None:
+            paths = {key: self.local / safe_relpath(key, "image key") for key in keys}
+            return {key: cache.file_checksum(p) if p.is_file() else None for key, p in paths.items()}
+        etags = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+            etags.update({o["Key"][len(self.prefix) :]: o.get("ETag", "") for o in page.get("Contents", [])})
+        return {key: cache.etag_checksum(etags[key]) if key in etags else None for key in keys}
 
     def size(self, key: str) -> int | None:
         """Size of the object, or None if it does not exist."""
@@ -159,6 +178,8 @@ def _fetch_one(
     tried: each would spend its own retries on a dead server. They are reported as failed; a re-run resumes.
     """
     dest = dest_root / row["file"]
+    if row.get("_deferred"):
+        return "cached", 0, ""
     if down.is_set():
         return "failed", 0, "not tried: the S3 endpoint stopped answering during this run"
     try:
@@ -173,6 +194,9 @@ def _fetch_one(
                     size = source.copy_to(key, tmp)
                     if cfg.verify:
                         verify_image(tmp, cfg.max_pixels)
+                    store = row.get("_cache")
+                    if store is not None and row["checksum"] and not store.put_image(row["checksum"], tmp.read_bytes()):
+                        row["checksum"] = ""  # changed since the listing: the crop stage hashes the file itself
                 return "ok", size, ""
             except (_Missing, BadImageError, UnsafePathError):
                 raise
@@ -205,16 +229,20 @@ def run(cfg: DownloadConfig) -> DownloadResult:
     dest_root = Path(cfg.out) / layout.IMAGES_DIR
     dest_root.mkdir(parents=True, exist_ok=True)
     report.details["removed_partial_files"] = remove_partial_files(dest_root)
-    statuses, total_bytes = _fetch_all(cfg, source, wanted.to_dict("records"), dest_root, report)
+    rows, store = _use_cache(cfg, source, wanted, report)
+    statuses, total_bytes = _fetch_all(cfg, source, rows, dest_root, report)
+    if store is not None:
+        report.details["cache"]["entries_trimmed"] = store.trim(keep={r["checksum"] for r in rows})
 
-    wanted = wanted.assign(_status=statuses)
-    on_disk = wanted[wanted["_status"].isin(["ok", "present"])].drop(columns="_status")
-    counts = {s: statuses.count(s) for s in ("ok", "present", "missing", "corrupt", "failed")}
+    wanted = wanted.assign(_status=statuses, checksum=[r["checksum"] for r in rows])
+    on_disk = wanted[wanted["_status"].isin(["ok", "present", "cached"])].drop(columns="_status")
+    counts = {s: statuses.count(s) for s in ("ok", "present", "cached", "missing", "corrupt", "failed")}
     report.counts = {
         "wanted": len(wanted),
         "wanted_for_detection": int(wanted["needs_detection"].sum()),
         "downloaded": counts["ok"],
         "already_present": counts["present"],
+        "in_cache": counts["cached"],
         "missing": counts["missing"],
         "corrupt": counts["corrupt"],
         "failed": counts["failed"],
@@ -233,10 +261,33 @@ def run(cfg: DownloadConfig) -> DownloadResult:
     return DownloadResult(
         downloaded=counts["ok"],
         already_present=counts["present"],
+        in_cache=counts["cached"],
         missing=counts["missing"],
         corrupt=counts["corrupt"],
         bytes=total_bytes,
     )
+
+
+def _use_cache(cfg: DownloadConfig, source: _Source, wanted, report: Report):
+    """The rows to fetch, each with its source checksum; with a cache, images already in it are not fetched.
+
+    Such an image stays listed in ``images.csv`` (with its checksum) but is left in the cache: the crop stage
+    takes its crops from the cache, or the image itself where a crop is new. Images the detector will see
+    (``needs_detection``) are always fetched, and so is every image whose source keeps no usable checksum (an
+    S3 multipart ETag). Newly fetched images are added to the cache. Returns the rows and the cache (or None).
+    """
+    rows = wanted.to_dict("records")
+    if not cfg.cache_uri:
+        return [{**r, "checksum": ""} for r in rows], None
+    store = cache.ContentCache(cfg.cache_uri, cfg.cache_max_gb)
+    sums = source.checksums([r["key"] for r in rows])
+    present = store.image_checksums()
+    for r in rows:
+        r["checksum"] = sums.get(r["key"]) or ""
+        r["_deferred"] = bool(r["checksum"]) and r["checksum"] in present and not r["needs_detection"]
+        r["_cache"] = None if r["_deferred"] or r["checksum"] in present else store
+    report.details["cache"] = {"uri": cfg.cache_uri, "images_in_cache": sum(r["_deferred"] for r in rows)}
+    return rows, store
 
 
 def _fetch_all(cfg: DownloadConfig, source, rows: list[dict], dest_root: Path, report: Report) -> tuple[list[str], int]:

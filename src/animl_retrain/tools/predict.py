@@ -24,8 +24,8 @@ from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
 from animl_retrain.formats import mdformat, model_folder
 from animl_retrain.serving.http import load_classifier
-from animl_retrain.vision.images import BadImageError, open_image
-from animl_retrain.vision.preprocessing import draft_scale
+from animl_retrain.vision.images import DEFAULT_MAX_PIXELS, BadImageError
+from animl_retrain.vision.preprocessing import crop_squares
 
 RESULTS_FILE = "classified_results.json"
 
@@ -53,9 +53,7 @@ class PredictResult(BaseModel):
 
 
 def _crops_of(path: Path, dets: list[dict], preprocessing) -> list:
-    boxes = [d["bbox"] for d in dets]
-    img, _ = open_image(path, scale_for=lambda w, h: draft_scale(boxes, w, h, preprocessing.image_size))
-    return [preprocessing.crop_from_image(img, box) for box in boxes]
+    return crop_squares(path, [d["bbox"] for d in dets], preprocessing.image_size, DEFAULT_MAX_PIXELS)
 
 
 def run(cfg: PredictConfig) -> PredictResult:

@@ -9,6 +9,11 @@ from typing import BinaryIO
 
 from PIL import Image, ImageFile
 
+try:  # the optional C extension (vision/_jpegcrop.c): partial JPEG decoding; Pillow does everything without it
+    from animl_retrain.vision import _jpegcrop
+except ImportError:
+    _jpegcrop = None
+
 # Full-size camera-trap frames are at most ~50 MP; anything far beyond that is a bomb or a broken header.
 DEFAULT_MAX_PIXELS = 120_000_000
 JPEG_EOI = b"\xff\xd9"
@@ -54,9 +59,15 @@ def open_image(
             if full[0] * full[1] > max_pixels:
                 raise BadImageError(f"{full[0]}x{full[1]} pixels is over the ceiling of {max_pixels}")
             scale = scale_for(*full) if scale_for else 1
-            if scale > 1 and img.format == "JPEG":
+            if scale > 1 and img.format in ("JPEG", "MPO"):  # an MPO's first picture is a JPEG (the one decoded)
                 img.draft("RGB", (-(-full[0] // scale), -(-full[1] // scale)))
             img.load()
+            drafted = -(-full[0] // pillow_scale(*full, scale)), -(-full[1] // pillow_scale(*full, scale))
+            if img.format in ("JPEG", "MPO") and img.size != drafted:  # draft() not taken as asked: decode whole
+                if hasattr(source, "seek"):
+                    source.seek(0)
+                img = Image.open(source)
+                img.load()
             if img.mode != "RGB":  # convert() of an RGB image would copy every pixel for nothing
                 img = img.convert("RGB")
             return img, full
@@ -70,6 +81,61 @@ def open_image(
         Image.DecompressionBombWarning,
     ) as e:
         raise BadImageError(f"cannot decode: {e}") from e
+
+
+def pillow_scale(width: int, height: int, scale: int) -> int:
+    """The DCT scale Pillow's ``draft()`` really takes when asked for 1/``scale`` (it can take less)."""
+    if scale <= 1:
+        return 1
+    wanted = min(width // -(-width // scale), height // -(-height // scale))
+    return next(s for s in (8, 4, 2, 1) if wanted >= s)
+
+
+def open_region(
+    path: Path,
+    max_pixels: int,
+    scale_for: Callable[[int, int], int],
+    region_for: Callable[[int, int], tuple[int, int, int, int]],
+):
+    """Decode only the part of an image that is needed, at reduced scale, as RGB.
+
+    Baseline YCbCr or greyscale JPEGs go to the optional C extension (libjpeg-turbo's partial decoding: rows
+    above the region skip the IDCT and colour conversion, rows below are never decoded, columns outside are
+    cropped), which gives exactly the pixels of Pillow's decode at the same scale. Everything else (PNG,
+    progressive JPEG, CMYK, any decoder warning, or no extension)
+    is decoded whole by :func:`open_image`, with its checks and errors.
+
+    Args:
+        path: the image file.
+        max_pixels: refuse images with more pixels than this.
+        scale_for: given the full ``(width, height)``, the DCT scale (1, 2, 4 or 8) wanted.
+        region_for: given the scaled ``(width, height)``, the ``(x0, y0, x1, y1)`` box needed from it.
+
+    Returns:
+        ``(image, offset, scaled_size)``: the decoded part, where its top-left corner lies in the scaled image,
+        and the scaled image's size (the same coordinates the whole-image fallback returns, at offset 0, 0).
+    """
+    _strict()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                kind, mode, (w, h), progressive = img.format, img.mode, img.size, "progression" in img.info
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        kind = None  # open_image below raises the error, worded as everywhere else
+    fast = kind in ("JPEG", "MPO") and mode in ("RGB", "L") and not progressive and w * h <= max_pixels
+    if _jpegcrop is not None and fast:
+        scale = pillow_scale(w, h, scale_for(w, h))
+        size = (-(-w // scale), -(-h // scale))
+        x0, y0, x1, y1 = region_for(*size)
+        data = Path(path).read_bytes()
+        # Without the end marker as its last bytes, the file is read to the first picture's end (truncation check)
+        decoded = _jpegcrop.decode(data, scale, x0, y0, x1, y1, not data.endswith(JPEG_EOI))
+        if decoded is not None:
+            pixels, left, top, width, height = decoded
+            return Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1), (left, top), size
+    img, _ = open_image(path, max_pixels, scale_for)
+    return img, (0, 0), img.size
 
 
 def image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:

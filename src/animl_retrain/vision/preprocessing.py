@@ -56,12 +56,38 @@ def draft_scale(boxes: Sequence[Sequence[float]], width: int, height: int, size:
     return scale
 
 
+def _pixel_square(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    left, top, side = square_region(box, width, height)
+    return round(left), round(top), round(left + side), round(top + side)
+
+
 def cut_square(img: Image.Image, box: Sequence[float], size: int) -> Image.Image:
     """Steps 1-2: cut the square around ``box`` (normalised to ``img``) and resize it to ``size``."""
-    left, top, side = square_region(box, img.width, img.height)
-    region = (round(left), round(top), round(left + side), round(top + side))
-    square = img.crop(region)  # PIL fills the parts outside the image with zeros
+    square = img.crop(_pixel_square(box, img.width, img.height))  # PIL fills what lies outside with zeros
     return square.resize((size, size), Image.BILINEAR)
+
+
+def crop_squares(path: Path, boxes: Sequence[Sequence[float]], size: int, max_pixels: int) -> list[Image.Image]:
+    """Steps 1-2 for every box of one image file, decoding only the part of it the squares cover, once.
+
+    The same pixels as :func:`cut_square` on the image decoded whole at :func:`draft_scale`; raises
+    :class:`~animl_retrain.vision.images.BadImageError` for an image that cannot be decoded.
+    """
+    from animl_retrain.vision.images import open_region
+
+    def region(width: int, height: int) -> tuple[int, int, int, int]:
+        squares = [_pixel_square(b, width, height) for b in boxes]
+        x0, y0 = max(0, min(s[0] for s in squares)), max(0, min(s[1] for s in squares))
+        x1, y1 = min(width, max(s[2] for s in squares)), min(height, max(s[3] for s in squares))
+        return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+    img, (dx, dy), (width, height) = open_region(path, max_pixels, lambda w, h: draft_scale(boxes, w, h, size), region)
+    crops = []
+    for box in boxes:
+        left, top, right, bottom = _pixel_square(box, width, height)
+        square = img.crop((left - dx, top - dy, right - dx, bottom - dy))
+        crops.append(square.resize((size, size), Image.BILINEAR))
+    return crops
 
 
 @dataclass(frozen=True)
