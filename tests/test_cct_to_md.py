@@ -22,7 +22,14 @@ def test_demo_ground_truth_passes_megadetector_validator(stage_outputs):
     validate(path)
     data = read_json(path)
     assert data["info"]["format_version"] == "1.6"
-    assert data["classification_categories"] == {"0": "bird", "1": "deer_mouse", "2": "fox", "3": "lizard", "4": "rat", "5": "skunk"}
+    assert data["classification_categories"] == {
+        "0": "bird",
+        "1": "deer_mouse",
+        "2": "fox",
+        "3": "lizard",
+        "4": "rat",
+        "5": "skunk",
+    }
     det = data["images"][0]["detections"][0]
     assert isinstance(det["conf"], float) and det["category"] == "1" and det["annotation_id"]
 

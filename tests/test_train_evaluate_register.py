@@ -74,7 +74,7 @@ def test_evaluation_metrics(evaluated, trained):
     run = mlflow.get_run(trained[1].mlflow_run_id)
     assert run.data.metrics["test_macro_f1"] == pytest.approx(result.macro_f1)
     assert run.data.metrics["test_ece"] == pytest.approx(metrics["calibration"]["ece"])
-    # the demo's label spec marks rat invasive (and its look-alike, the deer mouse, native): its threshold travels as a tag and an artifact
+    # the demo marks rat invasive (the deer mouse, its look-alike, native): its threshold goes as a tag and an artifact
     thresholds = read_json(out / layout.THRESHOLDS_FILE)
     assert thresholds["format"] == "animl-retrain-thresholds/1" and thresholds["invasive"] == ["rat"]
     assert set(thresholds["thresholds"]) == {"rat"} and 0 <= thresholds["thresholds"]["rat"] <= 1
