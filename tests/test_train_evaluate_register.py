@@ -219,20 +219,26 @@ def pretrained(tmp_path_factory):
     return path
 
 
-def test_two_phase_recipe_fits_the_head_first_and_calibrates(servers, stage_outputs, pretrained, tmp_path):
-    import mlflow
-
-    out = tmp_path / "model"
-    result = train.run(
+def _train_pretrained(stage_outputs, pretrained, out, **settings):
+    """The tiny model from the pretrained test weights, on the demo's crops and split."""
+    cfg = {**TINY, **settings}
+    return train.run(
         train.TrainConfig(
             crops=stage_outputs["crops"],
             split=stage_outputs["split"],
             out=out,
             experiment="tests",
             weights=str(pretrained),
-            **TINY,
+            **cfg,
         )
     )
+
+
+def test_two_phase_recipe_fits_the_head_first_and_calibrates(servers, stage_outputs, pretrained, tmp_path):
+    import mlflow
+
+    out = tmp_path / "model"
+    result = _train_pretrained(stage_outputs, pretrained, out)
     details = read_json(out / layout.STAGE_REPORT_FILE)
     assert details["recipe"] == "two-phase" and details["head"]["l2"] > 0 and len(details["history"]) == 2
     assert (
@@ -251,17 +257,7 @@ def test_fine_tuning_that_loses_to_the_head_is_kept_out(servers, stage_outputs, 
     import torch
 
     out = tmp_path / "model"
-    settings = {**TINY, "lr": 5.0, "backbone_lr_mult": 1.0, "calibrate": False}
-    result = train.run(
-        train.TrainConfig(
-            crops=stage_outputs["crops"],
-            split=stage_outputs["split"],
-            out=out,
-            experiment="tests",
-            weights=str(pretrained),
-            **settings,
-        )
-    )
+    result = _train_pretrained(stage_outputs, pretrained, out, lr=5.0, backbone_lr_mult=1.0, calibrate=False)
     report = read_json(out / layout.STAGE_REPORT_FILE)
     assert result.best_epoch == 0 and "fine-tuning kept out" in [p["what"] for p in report["problems"]]
     # the backbone is the pretrained one, batch-norm statistics included: only the head changed
