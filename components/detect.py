@@ -1,6 +1,9 @@
-"""KFP component: MegaDetector on the images that have labels but no box locating the animal (GPU task)."""
+"""KFP components: MegaDetector on labelled images without a box locating the animal (GPU task), and its stand-in.
 
-from animl_retrain.components.container_images import ML_IMAGE
+The stand-in runs instead of detect where the backend can skip detect without weights (a CPU task, no images).
+"""
+
+from animl_retrain.components.container_images import CPU_IMAGE, ML_IMAGE
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
@@ -38,3 +41,13 @@ def detect_op(
         checkpoint=checkpoint,
         run_id=run_id,
     )
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def detect_skipped_op(detections: Output[Dataset]):
+    """Write the empty results file detect writes without weights (the crop stage then uses ground-truth boxes)."""
+    from animl_retrain.components.runtime import run_stage
+
+    from animl_retrain.stages import detect as stage
+
+    run_stage(stage.skipped, stage.SkippedConfig, detections, out=detections.path)

@@ -15,6 +15,15 @@ source that decides it (kubeflow/pipelines at the release tag; ``tests/test_kfp_
 - **security context** (``securityContext`` of a task): in that proto from 2.16.0 (``security_context = 18``);
   2.14 and 2.15 refuse it in the same strict parse, up to 2.5 it is ignored.
 
+- **artifact OneOf** (``dsl.OneOf`` over artifacts of mutually exclusive branches): 2.17.0's driver picks the
+  branch that completed (``GetProducerTask`` in ``backend/src/v2/driver/resolve.go``, "resolve artifact OneOf outputs
+  at runtime", #13436); 2.14.0-2.16.0 take the *last* selector whichever branch ran (same function), and 2.4.0/2.5.0
+  loop over the selectors keeping the last (``resolveUpstreamArtifacts`` in ``driver/driver.go``), so the consumer
+  would read a branch that never ran. With it, detect is not scheduled without detector weights (a CPU step writes
+  the empty results file instead); without it, detect runs and does nothing. kfp.local (SDK 2.17.0,
+  ``kfp/local/orchestrator/orchestrator_utils.py``) refuses an artifact OneOf ("Expected 1 artifact in
+  ArtifactSelectorSpec"), so the default variant, which ``make run`` runs, must not use it.
+
 There are no backend releases 2.6 to 2.13. Kubeflow ships: 1.9 with 2.2/2.3, 1.10 with 2.4.1/2.5.0, 1.11 with
 2.15.0, 26.03 with 2.16.0 (kubeflow/manifests README at those tags).
 """
@@ -25,7 +34,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-DEFAULT = "2.16"  # standalone KFP and Kubeflow 26.03; pipelines/retrain.yaml is compiled for it
+DEFAULT = "2.16"  # standalone KFP and Kubeflow 26.03; pipelines/retrain.yaml is compiled for it, kfp.local runs it
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,7 @@ class Backend:
     final_status: bool
     optional_env: bool
     security_context: bool
+    artifact_one_of: bool = False
 
 
 BACKENDS = {
@@ -46,7 +56,7 @@ BACKENDS = {
         Backend("2.14", final_status=True, optional_env=False, security_context=False),
         Backend("2.15", final_status=True, optional_env=True, security_context=False),
         Backend("2.16", final_status=True, optional_env=True, security_context=True),
-        Backend("2.17", final_status=True, optional_env=True, security_context=True),
+        Backend("2.17", final_status=True, optional_env=True, security_context=True, artifact_one_of=True),
     )
 }
 # What each Kubeflow release ships (kubeflow/manifests), for --kfp-backend's help and the docs.

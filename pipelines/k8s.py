@@ -91,6 +91,7 @@ PROFILES = {
     "download": Profile(cpu="1", memory="2Gi", s3=True, retry=True, worst_case_h=4),
     "cct-to-md": Profile(cpu="500m", memory="1Gi"),
     "detect": Profile(cpu="4", memory="16Gi", gpu=True, s3=True, retry=True, worst_case_h=12),
+    "detect-skipped": Profile(cpu="250m", memory="512Mi"),
     "crop": Profile(cpu="2", memory="4Gi"),
     "split": Profile(cpu="500m", memory="1Gi"),
     "train": Profile(cpu="4", memory="24Gi", gpu=True, s3=True, mlflow=True, retry=True, cache=False, worst_case_h=24),

@@ -11,7 +11,7 @@ from pathlib import Path
 from animl_retrain.components.cct_to_md import cct_to_md_op
 from animl_retrain.components.crop import crop_op
 from animl_retrain.components.deploy import deploy_op
-from animl_retrain.components.detect import detect_op
+from animl_retrain.components.detect import detect_op, detect_skipped_op
 from animl_retrain.components.download import download_op
 from animl_retrain.components.evaluate import evaluate_op
 from animl_retrain.components.export import export_op
@@ -213,24 +213,31 @@ def retrain_pipeline(
             ground_truth = stage(
                 "cct-to-md", cct_to_md_op(export=export.outputs["export"], images=images.outputs["images"])
             )
-            detections = stage(
-                "detect",
-                detect_op(
-                    images=images.outputs["images"],
-                    ground_truth=ground_truth.outputs["ground_truth"],
-                    weights=detector_weights,
-                    select=detect_images,
-                    threshold=detection_threshold,
-                    checkpoint=detect_checkpoint,
-                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                ),
+            detect_args = dict(
+                images=images.outputs["images"],
+                ground_truth=ground_truth.outputs["ground_truth"],
+                weights=detector_weights,
+                select=detect_images,
+                threshold=detection_threshold,
+                checkpoint=detect_checkpoint,
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             )
+            if backends.current().artifact_one_of:
+                # Without weights, detect is not scheduled (no GPU node, no images copied into it): a CPU step
+                # writes the empty results file it would have written (pipelines/backends.py: from 2.17).
+                with dsl.If(detector_weights != "", name="detector-weights"):
+                    detected = stage("detect", detect_op(**detect_args))
+                with dsl.Else(name="no-detector-weights"):
+                    not_detected = stage("detect-skipped", detect_skipped_op())
+                detections = dsl.OneOf(detected.outputs["detections"], not_detected.outputs["detections"])
+            else:  # detect runs and, without weights, writes that empty file itself
+                detections = stage("detect", detect_op(**detect_args)).outputs["detections"]
             crops = stage(
                 "crop",
                 crop_op(
                     images=images.outputs["images"],
                     ground_truth=ground_truth.outputs["ground_truth"],
-                    detections=detections.outputs["detections"],
+                    detections=detections,
                     crop_size=image_size,
                     box_source=box_source,
                     cache_uri=cache_uri,

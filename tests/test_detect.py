@@ -341,6 +341,35 @@ def test_without_weights_the_stage_is_skipped_and_crop_uses_ground_truth(project
     assert set(tables.read_table(tmp_path / "crops" / "crops.csv", tables.CROPS)["box_source"]) == {"ground_truth"}
 
 
+def without_time(results: dict) -> dict:
+    return {**results, "info": {k: v for k, v in results["info"].items() if k != "detection_completion_time"}}
+
+
+def test_the_stand_in_writes_what_detect_writes_without_weights(project, tmp_path):
+    """On backends that skip detect without weights (pipelines/backends.py), a CPU step writes its results file."""
+    _, results, _ = run_detect(project, tmp_path / "skip", weights="")
+    result = detect.skipped(detect.SkippedConfig(out=tmp_path / "stand-in"))
+    assert result.skipped and result.images == 0
+    written = mdformat.read_results(tmp_path / "stand-in" / layout.DETECTIONS_FILE)
+    assert without_time(written) == without_time(results)
+    validate(tmp_path / "stand-in" / layout.DETECTIONS_FILE)
+    assert "no detector weights" in read_json(tmp_path / "stand-in" / "report.json")["skipped"]
+
+
+@pytest.mark.pipeline
+def test_the_stand_in_component_runs_as_a_kfp_task(tmp_path):
+    """Its component body, run by kfp.local as a container would run it, writes the results file crop reads."""
+    import kfp.local
+    from animl_retrain.components.detect import detect_skipped_op
+
+    root = tmp_path / "root"
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    task = detect_skipped_op()
+    out = Path(task.outputs["detections"].path)
+    assert mdformat.read_results(out / layout.DETECTIONS_FILE)["images"] == []
+    assert task.outputs["detections"].metadata["skipped"] is True
+
+
 def test_anchor_free_layout_is_refused_with_a_clear_message(tmp_path):
     import torch
 

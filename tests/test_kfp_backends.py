@@ -145,6 +145,44 @@ def test_retry_windows_outlast_every_attempt(variant):
     assert k8s.PROFILES["train"].worst_case_h >= 12  # a long fine-tuning on a big project
 
 
+def test_detect_is_left_unscheduled_without_weights_only_where_an_artifact_one_of_resolves(variant):
+    """2.17.0 driver/resolve.go GetProducerTask picks the OneOf branch that completed (#13436); 2.14.0-2.16.0 take
+    the last artifact selector and 2.4.0/2.5.0 driver.go keeps the last in its loop, whichever branch ran."""
+    target, spec, _ = variant
+    tasks = all_tasks(spec)
+    one_of = {
+        name: output["artifactSelectors"]
+        for component in spec["components"].values()
+        for name, output in component.get("dag", {}).get("outputs", {}).get("artifacts", {}).items()
+        if len(output["artifactSelectors"]) > 1
+    }
+    detections = tasks["crop-op"]["inputs"]["artifacts"]["detections"]["taskOutputArtifact"]
+    if not target.artifact_one_of:
+        assert one_of == {} and "detect-skipped-op" not in tasks
+        assert detections == {"outputArtifactKey": "detections", "producerTask": "detect-op"}
+        return
+    [(key, selectors)] = one_of.items()
+    assert detections["outputArtifactKey"] == key
+    branches = {s["producerSubtask"]: tasks[s["producerSubtask"]] for s in selectors}
+    conditions = [t["triggerPolicy"]["condition"] for t in branches.values()]
+    assert len(conditions) == 2 and all("detector_weights" in c for c in conditions)
+    inner = {
+        name: spec["components"][t["componentRef"]["name"]]["dag"]["tasks"] for name, t in branches.items()
+    }  # each branch is a condition DAG holding one task
+    [[with_weights], [without]] = [list(inner[s["producerSubtask"]]) for s in selectors]
+    assert (with_weights, without) == ("detect-op", "detect-skipped-op")
+    skipped = spec["components"][tasks["detect-skipped-op"]["componentRef"]["name"]]
+    container = spec["deploymentSpec"]["executors"][skipped["executorLabel"]]["container"]
+    assert "accelerator" not in container.get("resources", {}) and "animl-retrain-cpu" in container["image"]
+    assert "inputDefinitions" not in skipped  # reads no images: nothing for the launcher to copy in
+
+
+def test_kfp_local_runs_the_default_variant_so_it_holds_no_artifact_one_of():
+    """kfp 2.17.0 kfp/local/orchestrator/orchestrator_utils.py get_dag_output_artifacts: "Expected 1 artifact in
+    ArtifactSelectorSpec"; `make run` traces the pipeline for the default backend."""
+    assert not backends.current().artifact_one_of and backends.current() is backends.BACKENDS[backends.DEFAULT]
+
+
 def test_the_committed_pipeline_is_the_default_variant(tmp_path):
     assert backends.DEFAULT == "2.16"
     fresh = compile_pipeline(tmp_path / "retrain.yaml")

@@ -46,8 +46,8 @@ EXCEPTIONS = {
 
 def component(name: str):
     module = importlib.import_module(f"animl_retrain.components.{name}")
-    [op] = [v for k, v in vars(module).items() if k.endswith("_op")]
-    return op
+    ops = {k: v for k, v in vars(module).items() if k.endswith("_op")}
+    return ops[f"{name}_op"] if len(ops) > 1 else next(iter(ops.values()))  # detect's module also has its stand-in
 
 
 def function_source(func) -> ast.FunctionDef:
@@ -74,13 +74,26 @@ def component_feeds(op) -> tuple[type, dict[str, str]]:
 def pipeline_feeds() -> list[tuple[str, str, str]]:
     """(pipeline parameter, component, component parameter) for every pipeline parameter passed to a component."""
     params = set(inspect.signature(retrain_pipeline.pipeline_func).parameters)
+    tree = function_source(retrain_pipeline.pipeline_func)
+    # Arguments gathered once for a component called in several branches: `args = dict(...)`, then `op(**args)`.
+    bundles = {
+        node.targets[0].id: node.value.keywords
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Call)
+        and getattr(node.value.func, "id", "") == "dict"
+    }
     out = []
-    for node in ast.walk(function_source(retrain_pipeline.pipeline_func)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", "").endswith("_op"):
             for kw in node.keywords:
-                if isinstance(kw.value, ast.Name) and kw.value.id in params:
-                    out.append((kw.value.id, node.func.id, kw.arg))
-    return out
+                passed = bundles.get(kw.value.id, []) if kw.arg is None and isinstance(kw.value, ast.Name) else [kw]
+                out += [
+                    (k.value.id, node.func.id, k.arg)
+                    for k in passed
+                    if isinstance(k.value, ast.Name) and k.value.id in params
+                ]
+    return sorted(set(out))
 
 
 def field_default(config: type, name: str):

@@ -169,12 +169,8 @@ def run(cfg: DetectConfig) -> DetectResult:
     report.details["select"] = cfg.select
 
     if not cfg.weights:
-        results = mdformat.new_results("none: no detector weights given")
-        mdformat.write_results(out / layout.DETECTIONS_FILE, results)
-        report.details["skipped"] = "no detector weights given: the crop stage uses ground-truth boxes only"
-        report.finish(out)
         log.info("detect: skipped (no weights); %d images would have been selected", len(files))
-        return _result(results, cfg.threshold, processed=0, resumed=0, skipped=True)
+        return _write_skipped(out, report)
     if cfg.weights.endswith((".pt", ".pth")):
         raise PipelineError(
             f"detect: {cfg.weights} is a PyTorch checkpoint; convert it to ONNX first (README, 'MegaDetector "
@@ -212,6 +208,28 @@ def run(cfg: DetectConfig) -> DetectResult:
     result = _result(results, cfg.threshold, processed=len(files) - resumed, resumed=resumed, skipped=False)
     _finish_report(report, result, cfg, engine_info)
     return result
+
+
+class SkippedConfig(StageConfig):
+    """Settings of detect's stand-in when no detector weights are given (a CPU step: no images, no GPU)."""
+
+    out: Path = Field(description="output folder")
+
+
+def skipped(cfg: SkippedConfig) -> DetectResult:
+    """Write what detect writes without weights, without reading the images: an empty results file."""
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    log.info("detect: not scheduled (no weights); the crop stage uses ground-truth boxes only")
+    return _write_skipped(Path(cfg.out), Report("detect"))
+
+
+def _write_skipped(out: Path, report: Report) -> DetectResult:
+    """The results file and report of a run without detector weights."""
+    results = mdformat.new_results("none: no detector weights given")
+    mdformat.write_results(out / layout.DETECTIONS_FILE, results)
+    report.details["skipped"] = "no detector weights given: the crop stage uses ground-truth boxes only"
+    report.finish(out)
+    return _result(results, threshold=1.0, processed=0, resumed=0, skipped=True)  # no images: nothing to count
 
 
 def _finish_report(report: Report, result: DetectResult, cfg: DetectConfig, engine_info: dict[str, Any]) -> None:
