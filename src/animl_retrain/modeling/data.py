@@ -104,7 +104,9 @@ class CropDataset:
         index = np.array([i for i, _ in pairs])
         seeds = [s for _, s in pairs]
         x = torch.from_numpy(np.ascontiguousarray(self.array[index])).permute(0, 3, 1, 2)
-        x = self.transform(x, None if None in seeds else seeds)
+        # In a worker, the batch is written straight into shared memory (as default_collate does there)
+        out = self.transform.empty(len(index), shared=torch.utils.data.get_worker_info() is not None)
+        x = self.transform(x, None if None in seeds else seeds, out=out)
         return Batch(x, torch.from_numpy(self.targets[index]))
 
 

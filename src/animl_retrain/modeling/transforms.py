@@ -98,8 +98,12 @@ class BatchAugment:
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32)
 
-    def __call__(self, batch, seeds=None):
-        """Augment ``batch`` (or one ``(3, H, W)`` image); without ``seeds``, they come from torch's generator."""
+    def __call__(self, batch, seeds=None, out=None):
+        """Augment ``batch`` (or one ``(3, H, W)`` image); without ``seeds``, they come from torch's generator.
+
+        ``out``, if given, is an :meth:`empty` batch to write into (a DataLoader worker passes one in shared
+        memory, so that handing the batch to the main process copies nothing).
+        """
         import torch
 
         single = batch.dim() == 3
@@ -107,11 +111,27 @@ class BatchAugment:
         if seeds is None:
             seeds = torch.randint(0, 2**62, (len(x),)).tolist()
         u = torch.from_numpy(_uniforms(seeds, 10)).float()
-        out = torch.empty((len(x), 3, self.size, self.size), dtype=torch.uint8 if self.std is None else torch.float32)
+        if out is None:
+            out = self.empty(len(x))
         for i in range(0, len(x), self.CHUNK):  # a few items at a time: the float intermediates stay in cache
             part = slice(i, i + self.CHUNK)
-            out[part] = self.colour(self.geometry(x[part], u[part, :6]), u[part, 6:])
+            self.colour(self.geometry(x[part], u[part, :6]), u[part, 6:], out=out[part])
         return out[0] if single else out
+
+    def empty(self, n: int, shared: bool = False):
+        """An uninitialised output batch for ``n`` items, in shared memory if ``shared``.
+
+        Shared memory is allocated as torch's ``default_collate`` does inside a worker: a batch already there
+        travels to the main process as a file descriptor; an ordinary one is first copied into a new segment.
+        """
+        import torch
+
+        dtype = torch.uint8 if self.std is None else torch.float32
+        shape = (n, 3, self.size, self.size)
+        if not shared:
+            return torch.empty(shape, dtype=dtype)
+        storage = torch.UntypedStorage._new_shared(n * 3 * self.size * self.size * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
     def geometry(self, x, u):
         """Resized crop, flip and rotation as one affine ``grid_sample`` at ``size``; returns float."""
@@ -142,8 +162,11 @@ class BatchAugment:
         grid = gx * theta[:, None, None, :, 0] + gy * theta[:, None, None, :, 1] + theta[:, None, None, :, 2]
         return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    def colour(self, x, u):
-        """Brightness, contrast, saturation, grayscale and step 3 as one matrix and offset per item."""
+    def colour(self, x, u, out=None):
+        """Brightness, contrast, saturation, grayscale and step 3 as one matrix and offset per item.
+
+        With ``out`` (a contiguous batch of the output dtype) the result is written there.
+        """
         import torch
 
         j = self.jitter
@@ -155,12 +178,14 @@ class BatchAugment:
         grey = u[:, 3] < self.p_grey
         matrix = torch.where(grey[:, None, None], grey_rows @ matrix, matrix)  # offsets are grey already
         if self.std is None:  # uint8 out; + 0.5 makes the truncating conversion round, without a pass of its own
-            out = torch.baddbmm(offset + 0.5, matrix, x.flatten(2)).view_as(x)
-            return out.clamp_(0, 255).to(torch.uint8)
-        # normalised float out: (y / 255 - mean) / std folded into the matrix and offset, the clamp to 0..255 moved
+            y = torch.baddbmm(offset + 0.5, matrix, x.flatten(2)).view_as(x).clamp_(0, 255)
+            return y.to(torch.uint8) if out is None else out.copy_(y)
+        # normalised float out: (y / 255 - mean) / std folded into the matrix and offset, the clamp to 0..255 moved;
+        # the product is written straight into the output batch (no intermediate, no copy pass)
         k, mean = 1 / (255 * self.std), self.mean / self.std
-        out = torch.baddbmm(k[:, None] * offset - mean[:, None], k[:, None] * matrix, x.flatten(2)).view_as(x)
-        return out.clamp_(-mean.view(3, 1, 1), (255 * k - mean).view(3, 1, 1))
+        y = torch.empty_like(x) if out is None else out
+        torch.baddbmm(k[:, None] * offset - mean[:, None], k[:, None] * matrix, x.flatten(2), out=y.view(len(x), 3, -1))
+        return y.clamp_(-mean.view(3, 1, 1), (255 * k - mean).view(3, 1, 1))
 
     def __repr__(self) -> str:
         return f"BatchAugment(size={self.size}, scale={self.scale}, ratio={self.ratio}, degrees={self.degrees})"
