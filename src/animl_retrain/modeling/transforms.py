@@ -164,10 +164,12 @@ class BatchAugment:
         import torch
         import torch.nn.functional as F
 
-        # affine_grid's result, as one broadcast sum (affine_grid's batched product costs twice as much)
+        # affine_grid's result, as a broadcast sum (affine_grid's batched product costs twice as much),
+        # summed as (row term + shift) + column term: one full-size pass, where (row + column) + shift takes two
+        # (the same grid up to float rounding, one unit in the last place)
         base = (torch.arange(self.size, dtype=torch.float32) * 2 + 1) / self.size - 1
         gx, gy = base[None, None, :, None], base[None, :, None, None]
-        grid = gx * theta[:, None, None, :, 0] + gy * theta[:, None, None, :, 1] + theta[:, None, None, :, 2]
+        grid = torch.add(gx * theta[:, None, None, :, 0] + theta[:, None, None, :, 2], gy * theta[:, None, None, :, 1])
         return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def colour_matrix(self, u):
