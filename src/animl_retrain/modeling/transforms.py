@@ -113,12 +113,13 @@ class BatchAugment:
         u = torch.from_numpy(_uniforms(seeds, 10)).float()
         # every item's affine map and colour matrix at once: the dozens of small tensor ops cost the same for
         # 1 item as for 64, ~0.15 ms of dispatch per crop when they ran per chunk
-        theta, colour = self.affine(u[:, :6]), self.colour_matrix(u[:, 6:])
+        theta, colour, const = self.affine(u[:, :6]), self.colour_matrix(u[:, 6:]), self.constants()
         if out is None:
             out = self.empty(len(x))
         for i in range(0, len(x), self.CHUNK):  # a few items at a time: the float intermediates stay in cache
             part = slice(i, i + self.CHUNK)
-            self.colour(self.geometry(x[part], theta[part]), [p[part] for p in colour], out=out[part])
+            y = self.geometry(x[part], theta[part], const)
+            self.colour(y, [p[part] for p in colour], out=out[part], const=const)
         return out[0] if single else out
 
     def empty(self, n: int, shared: bool = False):
@@ -135,6 +136,19 @@ class BatchAugment:
             return torch.empty(shape, dtype=dtype)
         storage = torch.UntypedStorage._new_shared(n * 3 * self.size * self.size * dtype.itemsize)
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def constants(self) -> dict:
+        """The small tensors every chunk uses (grid axes, luma, step 3's scale, shift and bounds), made once."""
+        import torch
+
+        base = (torch.arange(self.size, dtype=torch.float32) * 2 + 1) / self.size - 1
+        const = {"gx": base[None, None, :, None], "gy": base[None, :, None, None], "luma": torch.tensor(LUMA)}
+        if self.std is not None:
+            k, mean = 1 / (255 * self.std), self.mean / self.std
+            const.update(
+                k=k[:, None], shift=mean[:, None], low=-mean.view(3, 1, 1), high=(255 * k - mean).view(3, 1, 1)
+            )
+        return const
 
     def affine(self, u):
         """Per item ``(N, 2, 3)``: resized crop, flip and rotation as one affine map (``affine_grid``'s theta)."""
@@ -159,7 +173,7 @@ class BatchAugment:
             dim=1,
         )
 
-    def geometry(self, x, theta):
+    def geometry(self, x, theta, const=None):
         """The affine maps ``theta`` applied to uint8 ``x`` by one ``grid_sample`` at ``size``; returns float."""
         import torch
         import torch.nn.functional as F
@@ -167,8 +181,8 @@ class BatchAugment:
         # affine_grid's result, as a broadcast sum (affine_grid's batched product costs twice as much),
         # summed as (row term + shift) + column term: one full-size pass, where (row + column) + shift takes two
         # (the same grid up to float rounding, one unit in the last place)
-        base = (torch.arange(self.size, dtype=torch.float32) * 2 + 1) / self.size - 1
-        gx, gy = base[None, None, :, None], base[None, :, None, None]
+        const = const or self.constants()
+        gx, gy = const["gx"], const["gy"]
         grid = torch.add(gx * theta[:, None, None, :, 0] + theta[:, None, None, :, 2], gy * theta[:, None, None, :, 1])
         return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -186,7 +200,7 @@ class BatchAugment:
             matrix = (1 / (255 * self.std))[:, None] * matrix
         return matrix, (1 - c) * b
 
-    def colour(self, x, colour, out=None):
+    def colour(self, x, colour, out=None, const=None):
         """Brightness, contrast, saturation, grayscale and step 3: :meth:`colour_matrix`'s ``colour`` on ``x``.
 
         The offset blends with each item's mean grey (contrast). With ``out`` (a contiguous batch of the output
@@ -194,17 +208,17 @@ class BatchAugment:
         """
         import torch
 
+        const = const or self.constants()
         matrix, lift = colour
-        offset = (lift * (x.mean(dim=(2, 3)) @ torch.tensor(LUMA)))[:, None, None].expand(-1, 3, 1)
+        offset = (lift * (x.mean(dim=(2, 3)) @ const["luma"]))[:, None, None].expand(-1, 3, 1)
         if self.std is None:  # uint8 out; + 0.5 makes the truncating conversion round, without a pass of its own
             y = torch.baddbmm(offset + 0.5, matrix, x.flatten(2)).view_as(x).clamp_(0, 255)
             return y.to(torch.uint8) if out is None else out.copy_(y)
         # normalised float out: the offset scaled as the matrix, the clamp to 0..255 moved; the product is written
         # straight into the output batch (no intermediate, no copy pass)
-        k, mean = 1 / (255 * self.std), self.mean / self.std
         y = torch.empty_like(x) if out is None else out
-        torch.baddbmm(k[:, None] * offset - mean[:, None], matrix, x.flatten(2), out=y.view(len(x), 3, -1))
-        return y.clamp_(-mean.view(3, 1, 1), (255 * k - mean).view(3, 1, 1))
+        torch.baddbmm(const["k"] * offset - const["shift"], matrix, x.flatten(2), out=y.view(len(x), 3, -1))
+        return y.clamp_(const["low"], const["high"])
 
     def __repr__(self) -> str:
         return f"BatchAugment(size={self.size}, scale={self.scale}, ratio={self.ratio}, degrees={self.degrees})"
