@@ -9,7 +9,7 @@ import torch
 from animl_retrain.core.errors import PipelineError
 from animl_retrain.modeling import training, transforms
 from animl_retrain.modeling.backbones import build_model, pretrained_normalisation
-from animl_retrain.modeling.data import CropDataset, EpochSampler
+from animl_retrain.modeling.data import CropDataset, EpochSampler, make_loader
 from animl_retrain.stages import train
 from animl_retrain.vision.preprocessing import Preprocessing
 
@@ -73,6 +73,22 @@ def test_seeded_augmentation_is_repeatable_and_leaves_the_global_rng_alone():
     x3, _ = ds[(0, 124)]
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_loader_workers_deliver_in_shared_memory_what_one_process_computes(monkeypatch):
+    """Workers write each augmented batch into shared memory (no copy on the way); the batches are the same."""
+    data = np.random.default_rng(1).integers(0, 255, (20, 32, 32, 3), dtype=np.uint8)
+    ds = CropDataset(data, np.arange(20) % 3, transforms.train_transform(Preprocessing(image_size=32)))
+    sampler = EpochSampler(20, seed=7)
+    one = list(make_loader(ds, 8, 0, sampler=sampler))
+    two = list(make_loader(ds, 8, 2, sampler=sampler))
+    assert [len(x) for x, _ in one] == [8, 8, 4] and one[0][0].dtype == torch.float32
+    assert all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in zip(one, two, strict=True))
+    assert not one[0][0].is_shared()
+    keys = list(sampler)[:8]
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as inside a worker
+    x, _ = ds.__getitems__(keys)
+    assert x.is_shared() and torch.equal(x, one[0][0])
 
 
 def test_lr_schedules():

@@ -104,7 +104,9 @@ class CropDataset:
         index = np.array([i for i, _ in pairs])
         seeds = [s for _, s in pairs]
         x = torch.from_numpy(np.ascontiguousarray(self.array[index])).permute(0, 3, 1, 2)
-        x = self.transform(x, None if None in seeds else seeds)
+        # In a worker, the batch is written straight into shared memory (as default_collate does there)
+        out = self.transform.empty(len(index), shared=torch.utils.data.get_worker_info() is not None)
+        x = self.transform(x, None if None in seeds else seeds, out=out)
         return Batch(x, torch.from_numpy(self.targets[index]))
 
 
@@ -196,4 +198,24 @@ def make_loader(
         generator=generator,
         drop_last=drop_last,
         collate_fn=collate,
+        worker_init_fn=_keep_freed_memory if workers > 0 else None,
     )
+
+
+def _keep_freed_memory(worker_id: int = 0) -> None:
+    """A worker's ``worker_init_fn``: let glibc's malloc keep freed memory for the next batch.
+
+    A worker frees the same few megabytes of float intermediates every chunk; by default glibc hands them back to
+    the kernel (``mmap``'d blocks, a trimmed heap) and takes fresh zeroed pages again, ~70 page faults per crop
+    (measured: 0.3-0.4 ms of system time per crop, a fifth of the worker's CPU). A fixed mmap threshold of 32 MiB
+    and a 1 GiB trim threshold keep them in the heap. Without glibc (no ``mallopt``) nothing changes.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_trim_threshold, 1 << 30)
+    mallopt(m_mmap_threshold, 32 << 20)
