@@ -109,8 +109,8 @@ def cut_resized(rows: RGBRows, box: tuple[int, int, int, int], size: int) -> Ima
     """``rows``' ``box`` (zeros outside) resized to ``size`` x ``size``: exactly Pillow's crop + BILINEAR resize.
 
     The extension's resize (3x Pillow's on the crop stage's squares) reproduces Pillow's weights and rounding and
-    its horizontal-then-vertical order. Pillow 13 takes the vertical pass first for some strongly non-square boxes
-    (seen from h/w about 1.2 on; which rule it follows is not documented), so only boxes whose sides differ by at
+    its horizontal-then-vertical order. Pillow 13 takes the vertical pass first for some boxes taller than wide
+    (seen from h/w about 1.03 on; which rule it follows is not documented), so only boxes whose sides differ by at
     most one pixel (every square the crop rule cuts) take this path, checked against Pillow for every such shape
     up to 4x the output size in tests/test_jpegcrop.py. None: not for this path (no extension, other shapes).
     """
