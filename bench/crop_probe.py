@@ -32,13 +32,17 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
 
 
 def main() -> None:
-    """Print ms per frame and per crop of each step."""
+    """Print ms per frame and per crop of each step (files under a temporary folder, removed at the end)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("research_data", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="crop-probe-") as work:
+        _probe(args, Path(work))
+
+
+def _probe(args: argparse.Namespace, work: Path) -> None:
     frames, origin = distinct_frames(args.research_data, 32)
-    work = Path(tempfile.mkdtemp(prefix="crop-probe-"))
     paths = []
     for k, frame in enumerate(frames):
         paths.append(work / f"{k}.jpg")
