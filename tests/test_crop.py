@@ -1,3 +1,4 @@
+import errno
 import io
 
 import numpy as np
@@ -84,3 +85,21 @@ def test_unreadable_images_are_reported_not_fatal(stage_outputs, tmp_path):
     assert result.failed_images == 2
     report = read_json(tmp_path / "c" / "report.json")
     assert {p["where"] for p in report["problems"]} == set(victims)
+
+
+def test_atomic_write_leaves_the_file_whole_or_absent(tmp_path, monkeypatch):
+    from animl_retrain.core import io as core_io
+    from animl_retrain.core.errors import DiskFullError
+
+    path = tmp_path / "new" / "deeper" / "a.jpg"  # its folders are made on the way
+    core_io.atomic_write(path, b"first")
+    core_io.atomic_write(path, b"second")
+    assert path.read_bytes() == b"second" and sorted(p.name for p in path.parent.iterdir()) == ["a.jpg"]
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(core_io.os, "replace", full)
+    with pytest.raises(DiskFullError, match="no space left on device"):
+        core_io.atomic_write(path, b"third")
+    assert path.read_bytes() == b"second" and sorted(p.name for p in path.parent.iterdir()) == ["a.jpg"]

@@ -95,3 +95,36 @@ def test_a_truncated_file_is_refused_as_before(tmp_path):
     path.write_bytes(write(tmp_path, "x.jpg", frame((800, 600)), format="JPEG").read_bytes()[:-3000])
     with pytest.raises(BadImageError, match="cannot decode"):
         crop_squares(path, [[0.0, 0.0, 0.1, 0.1]], 64, images.DEFAULT_MAX_PIXELS)
+
+
+def _widths(size: int, rng) -> list[int]:
+    """Every side from 2 px to 4x ``size`` for small sizes; for 224 the stage's range (224-448 px), a sample above."""
+    if size < 100:
+        return list(range(2, 4 * size + 1))
+    return [*range(2, 12), *range(size - 4, 2 * size + 5), *rng.integers(2 * size, 4 * size, 30).tolist()]
+
+
+@pytest.mark.skipif(images._jpegcrop is None, reason="the optional C extension is not built")
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_the_extension_resizes_every_square_shape_exactly_as_pillow(size):
+    """Boxes the crop rule cuts (sides equal or one apart), partly outside the region: Pillow's very pixels."""
+    rng = np.random.default_rng(size)
+    region = frame((4 * size + 60, 4 * size + 50), seed=size)
+    rows = images.RGBRows(region.tobytes(), *region.size)
+    for w in _widths(size, rng):
+        for h in (w - 1, w, w + 1):
+            if h < 1:
+                continue
+            left, top = (int(v) for v in rng.integers(-20, 40, 2))
+            box = (left, top, left + w, top + h)
+            want = np.asarray(region.crop(box).resize((size, size), Image.BILINEAR))
+            np.testing.assert_array_equal(np.asarray(images.cut_resized(rows, box, size)), want, err_msg=str(box))
+
+
+@pytest.mark.skipif(images._jpegcrop is None, reason="the optional C extension is not built")
+def test_other_box_shapes_are_left_to_pillow():
+    rows = images.RGBRows(bytes(300 * 200 * 3), 300, 200)
+    assert images.cut_resized(rows, (0, 0, 100, 150), 64) is None  # Pillow may take its vertical pass first
+    assert images.cut_resized(rows, (10, 10, 10, 20), 64) is None  # empty
+    with pytest.raises(ValueError, match="width\\*height\\*3"):
+        images._jpegcrop.resize(bytes(10), 300, 200, 0, 0, 10, 10, 64)

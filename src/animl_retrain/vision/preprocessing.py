@@ -73,7 +73,7 @@ def crop_squares(path: Path, boxes: Sequence[Sequence[float]], size: int, max_pi
     The same pixels as :func:`cut_square` on the image decoded whole at :func:`draft_scale`; raises
     :class:`~animl_retrain.vision.images.BadImageError` for an image that cannot be decoded.
     """
-    from animl_retrain.vision.images import open_region
+    from animl_retrain.vision.images import RGBRows, cut_resized, open_region
 
     def region(width: int, height: int) -> tuple[int, int, int, int]:
         squares = [_pixel_square(b, width, height) for b in boxes]
@@ -81,12 +81,18 @@ def crop_squares(path: Path, boxes: Sequence[Sequence[float]], size: int, max_pi
         x1, y1 = min(width, max(s[2] for s in squares)), min(height, max(s[3] for s in squares))
         return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
-    img, (dx, dy), (width, height) = open_region(path, max_pixels, lambda w, h: draft_scale(boxes, w, h, size), region)
+    img, (dx, dy), (width, height) = open_region(
+        path, max_pixels, lambda w, h: draft_scale(boxes, w, h, size), region, packed=True
+    )
     crops = []
     for box in boxes:
         left, top, right, bottom = _pixel_square(box, width, height)
-        square = img.crop((left - dx, top - dy, right - dx, bottom - dy))
-        crops.append(square.resize((size, size), Image.BILINEAR))
+        square = (left - dx, top - dy, right - dx, bottom - dy)
+        crop = cut_resized(img, square, size) if isinstance(img, RGBRows) else None
+        if crop is None:  # the Pillow decode (or a box the extension does not resize): Pillow's crop and resize
+            img = img.image() if isinstance(img, RGBRows) else img
+            crop = img.crop(square).resize((size, size), Image.BILINEAR)
+        crops.append(crop)
     return crops
 
 
