@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,35 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` as :func:`atomic_path` does, in four system calls where it takes about ten.
+
+    For many small files (a warm crop stage writes thousands): the temporary name is made without ``mkstemp``
+    (``O_EXCL`` still refuses an existing one), and the folder is created only when the first open finds it missing.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o666)
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise _disk_full(e, path) from e
+        raise
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            raise _disk_full(e, path) from e
+        raise
 
 
 def remove_partial_files(folder: Path) -> int:
