@@ -118,8 +118,9 @@ def _from_cache(cached: list[tuple], store: cache.ContentCache, index: dict) -> 
             redo.append((job, keys))
             continue
         for det, key in zip(job[2], keys, strict=True):
-            write_atomic(Path(job[1]) / _crop_path(det), hits[key])
-            rows.append({**det, "crop": _crop_path(det)})
+            crop_path = _crop_path(det)
+            write_atomic(Path(job[1], crop_path), hits[key])
+            rows.append({**det, "crop": crop_path})
     return rows, redo
 
 

@@ -294,7 +294,9 @@ def _use_cache(cfg: DownloadConfig, source: _Source, wanted, report: Report):
     rows = wanted.to_dict("records")
     if not cfg.cache_uri:
         return [{**r, "checksum": ""} for r in rows], None
-    store = cache.ContentCache(cfg.cache_uri, cfg.cache_max_gb)
+    # the source's S3 client serves the cache too (the same endpoint and credentials, from the environment)
+    client = getattr(source, "client", None) if storage.is_s3(cfg.cache_uri) else None
+    store = cache.ContentCache(cfg.cache_uri, cfg.cache_max_gb, client=client)
     with ThreadPoolExecutor(1) as pool:  # the two listings at once: one's parsing while the other's server works
         cached = pool.submit(store.image_checksums)
         sums = source.checksums([r["key"] for r in rows])
