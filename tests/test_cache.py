@@ -133,3 +133,29 @@ def test_the_size_limit_removes_the_oldest_entries(tmp_path):
     assert store.get_image(checksum) == data
     assert not store.put_image("md5-" + "0" * 32, b"not these bytes")
     assert store.get_image("md5-" + "0" * 32) is None
+
+
+def test_a_rerun_with_every_crop_cached_starts_no_process(s3, bucket, tmp_path, monkeypatch):
+    data = project(6)
+    put(s3, bucket, data)
+    cache_uri = f"s3://{bucket}/all-cached"
+    *_, cold = retrain(tmp_path, data, bucket, "cold", cache_uri)
+    monkeypatch.setattr(crop, "ProcessPoolExecutor", None)  # calling it would raise: nothing left to cut
+    got, crops, warm = retrain(tmp_path, data, bucket, "warm", cache_uri)
+    assert (got.downloaded, got.in_cache, crops.crops, crops.from_cache) == (0, 6, 12, 12)
+    assert warm == cold
+    assert not [p for p in (tmp_path / "warm" / "crops").rglob("*.part")]
+
+
+def test_atomic_write_writes_whole_files_or_nothing(tmp_path):
+    from animl_retrain.core.io import atomic_write, remove_partial_files
+
+    path = tmp_path / "new" / "folder" / "a.jpg"
+    atomic_write(path, b"first")  # the folder is made on the way
+    atomic_write(path, b"second")
+    assert path.read_bytes() == b"second"
+    with pytest.raises(TypeError):
+        atomic_write(path, 12345)  # fails mid-write: the file keeps its bytes, no temporary file stays
+    assert path.read_bytes() == b"second" and sorted(p.name for p in path.parent.iterdir()) == ["a.jpg"]
+    (path.parent / ".a.jpg.0123abcd.part").write_bytes(b"a killed write")  # the name atomic_write writes under
+    assert remove_partial_files(tmp_path) == 1

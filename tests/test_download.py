@@ -125,3 +125,12 @@ def test_local_folder_source(tmp_path, exported):
         download.DownloadConfig(export=exported(data), images_uri=str(tmp_path / "bucket"), out=tmp_path / "img")
     )
     assert result.downloaded == 3
+
+
+def test_the_source_is_listed_only_under_its_keys_common_prefix():
+    from animl_retrain.stages.download import _common_prefix
+
+    assert _common_prefix(["original/p:0001-original.jpg", "original/p:0002-original.jpg"]) == "original/p:000"
+    assert _common_prefix(["original/a.jpg", "original/a.jpg.bak", "original/b.jpg"]) == "original/"
+    assert _common_prefix(["a/x.jpg", "b/x.jpg"]) == "" and _common_prefix([]) == ""
+    assert _common_prefix(["only.jpg"]) == "only.jpg"

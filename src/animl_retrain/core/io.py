@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,27 +57,29 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` as :func:`atomic_path` does, in one open and one write of the temporary file.
+    """Write ``data`` to ``path`` as :func:`atomic_path` does, in four system calls where it takes about ten.
 
-    For many small files (the crop stage writes one per crop): no second open of the temporary file, and its
-    folder is created only when missing, where :func:`atomic_path` costs a few more system calls per file.
+    For many small files (a warm crop stage writes thousands): the temporary name is made without ``mkstemp``
+    (``O_EXCL`` still refuses an existing one), and the folder is created only when the first open finds it missing.
     """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+            fd = os.open(tmp, flags, 0o666)
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+            fd = os.open(tmp, flags, 0o666)
     except OSError as e:
         if e.errno in _DISK_FULL:
             raise _disk_full(e, path) from e
         raise
     try:
-        with open(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in _DISK_FULL:
             raise _disk_full(e, path) from e
         raise

@@ -11,13 +11,15 @@ each crop with its source image, annotation id, label, location and box; unreada
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +31,7 @@ from animl_retrain.config import StageConfig
 from animl_retrain.core import cache
 from animl_retrain.core.checks import safe_filename, safe_relpath
 from animl_retrain.core.errors import PipelineError
-from animl_retrain.core.io import atomic_path, atomic_write, remove_partial_files
+from animl_retrain.core.io import atomic_write, remove_partial_files
 from animl_retrain.core.logging import log
 from animl_retrain.core.report import Report
 from animl_retrain.formats import layout, mdformat, tables
@@ -106,32 +108,43 @@ def cache_key(checksum: str, det: dict, cfg: CropConfig) -> str:
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
-def _from_cache(jobs: list[tuple], cfg: CropConfig, checksums: dict[Path, str], store: cache.ContentCache):
-    """Write the crops the cache holds; return the rows written and the jobs still to do, with their crop keys.
+def _from_cache(cached: list[tuple], store: cache.ContentCache, index: dict) -> tuple[list[dict], list[tuple]]:
+    """Write the crops of ``cached`` (jobs with their crop keys, every key in ``index``) out of the cache's packs.
 
-    A job whose every crop is cached is done here; any other goes to the decoder whole (one decode per image).
-    An image the download stage left in the cache is fetched from it (checked against its checksum) for that.
+    Returns the rows written and the jobs to redo: those with an entry refused (its bytes do not match), whose
+    crops are all cut again (one decode per image).
     """
-    # an image with no checksum (neither on disk nor listed with one) has no keys: it fails to decode below
-    keys = [[cache_key(checksums[job[0]], d, cfg) if checksums[job[0]] else "" for d in job[2]] for job in jobs]
-    hits = store.get_packed([k for ks in keys for k in ks], store.pack_index())
-    rows, todo = [], []
-    for job, job_keys in zip(jobs, keys, strict=True):
-        if all(k in hits for k in job_keys):
-            for det, key in zip(job[2], job_keys, strict=True):
-                path = _crop_path(det)
-                atomic_write(Path(job[1]) / path, hits[key])
-                rows.append({**det, "crop": path})
+    hits = store.get_packed([k for _, keys in cached for k in keys], index)
+    rows, redo, files = [], [], []
+    for job, keys in cached:
+        if not all(k in hits for k in keys):
+            redo.append((job, keys))
             continue
-        if not job[0].is_file():
-            data = store.get_image(checksums[job[0]])
-            if data is not None:
-                local = Path(cfg.out) / CACHED_IMAGES_DIR / checksums[job[0]]
-                with atomic_path(local) as tmp:
-                    tmp.write_bytes(data)
-                job = (local, *job[1:])
-        todo.append((job, job_keys))
-    return rows, todo
+        for det, key in zip(job[2], keys, strict=True):
+            crop_path = _crop_path(det)
+            files.append((Path(job[1], crop_path), hits[key]))
+            rows.append({**det, "crop": crop_path})
+    # Creating a file costs ~0.5 ms of the kernel's CPU, 20 times more than writing a crop's bytes; threads (which
+    # release the GIL in those system calls) spread it over the cores: 2,566 crops 1.45 -> 0.7 s on 2 cores.
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for _ in pool.map(lambda file: atomic_write(*file), files, chunksize=64):
+            pass  # a failed write (a full disk) raises here
+    return rows, redo
+
+
+def _with_image(job: tuple, checksum: str, store: cache.ContentCache, cfg: CropConfig) -> tuple:
+    """The job, with its image fetched from the cache (checked against its checksum) if it is not on disk.
+
+    The download stage leaves images in the cache; one neither on disk nor in the cache fails in :func:`_crop_image`.
+    """
+    if job[0].is_file() or not checksum:
+        return job
+    data = store.get_image(checksum)
+    if data is None:
+        return job
+    local = Path(cfg.out) / CACHED_IMAGES_DIR / checksum
+    atomic_write(local, data)
+    return (local, *job[1:])
 
 
 def _checksums(jobs: list[tuple], images: pd.DataFrame, root: Path) -> dict[Path, str]:
@@ -297,6 +310,15 @@ def _jobs_from_results(
     ]
 
 
+def _crop_all(jobs: list[tuple], cfg: CropConfig, stack: contextlib.ExitStack):
+    """Each job's outcome, in order, cut in processes started now (none for no jobs, and never more than jobs)."""
+    if not jobs:
+        return iter(())
+    workers = min(cfg.workers or os.cpu_count() or 1, len(jobs))
+    pool = stack.enter_context(ProcessPoolExecutor(workers))
+    return pool.map(_crop_image, jobs, chunksize=max(1, min(16, len(jobs) // (workers * 4) or 1)))
+
+
 def run(cfg: CropConfig) -> CropResult:
     """Crop every box of the results file; write ``crops/``, ``crops.csv`` and the report."""
     report = Report("crop")
@@ -313,28 +335,42 @@ def run(cfg: CropConfig) -> CropResult:
     jobs = _jobs_from_results(results, detections, images, cfg, out_root, report)
     n_images = len(jobs)
 
-    rows: list[dict] = []
-    store = None
+    # With a cache: jobs whose every crop is in a pack are written from it while the processes cut the others.
+    store, cached, keys, index = None, [], [[""] * len(job[2]) for job in jobs], {}
     if cfg.cache_uri:
         store = cache.ContentCache(cfg.cache_uri, cfg.cache_max_gb)
         checksums = _checksums(jobs, images, Path(cfg.images) / layout.IMAGES_DIR)
-        rows, todo = _from_cache(jobs, cfg, checksums, store)
-        jobs, keys = [j for j, _ in todo], [k for _, k in todo]
-    from_cache = len(rows)
+        # an image with no checksum (neither on disk nor listed with one) has no keys: it fails to decode below
+        keys = [[cache_key(checksums[job[0]], d, cfg) if checksums[job[0]] else "" for d in job[2]] for job in jobs]
+        index = store.pack_index()
+        cached = [(job, ks) for job, ks in zip(jobs, keys, strict=True) if all(k in index for k in ks)]
+        todo = [
+            (_with_image(job, checksums[job[0]], store, cfg), ks)
+            for job, ks in zip(jobs, keys, strict=True)
+            if not all(k in index for k in ks)
+        ]
+    else:
+        todo = list(zip(jobs, keys, strict=True))
+    rows: list[dict] = []
     failed = 0
     new_entries: dict[str, bytes] = {}
-    workers = cfg.workers or os.cpu_count() or 1
-    with ProcessPoolExecutor(workers) as pool:
-        outcomes = pool.map(_crop_image, jobs, chunksize=max(1, min(16, len(jobs) // (workers * 4) or 1)))
-        for i, (job, (crop_rows, error)) in enumerate(
-            tqdm(zip(jobs, outcomes, strict=True), total=len(jobs), desc="crop", disable=None)
+    with contextlib.ExitStack() as stack:
+        cropped = _crop_all([job for job, _ in todo], cfg, stack)
+        if store is not None:
+            rows, redo = _from_cache(cached, store, index)
+            redo = [(_with_image(job, checksums[job[0]], store, cfg), ks) for job, ks in redo]
+            todo += redo
+            cropped = itertools.chain(cropped, _crop_all([job for job, _ in redo], cfg, stack))
+        from_cache = len(rows)
+        for (job, job_keys), (crop_rows, error) in tqdm(
+            zip(todo, cropped, strict=True), total=len(todo), desc="crop", disable=None
         ):
             if error:
                 failed += 1
                 report.problem("unreadable image", _image_name(job, cfg), error)
             elif store is not None:
                 new_entries.update(
-                    {k: (out_root / r["crop"]).read_bytes() for k, r in zip(keys[i], crop_rows, strict=True) if k}
+                    {k: (out_root / r["crop"]).read_bytes() for k, r in zip(job_keys, crop_rows, strict=True) if k}
                 )
             rows.extend(crop_rows)
     if store is not None:
