@@ -180,8 +180,9 @@ def make_loader(
 ):
     """A DataLoader with pinned memory, persistent workers and deep prefetching where they help.
 
-    The data are already decoded in memory, so workers only run the per-image augmentation; four batches in
-    flight per worker keep a GPU fed while the main process steps the optimiser.
+    The data are already decoded in memory, so each worker only augments whole batches (``__getitems__``), written
+    straight into shared memory; four batches in flight per worker keep a GPU fed while the main process steps the
+    optimiser.
     """
     import torch
 
