@@ -124,10 +124,11 @@ def _from_cache(cached: list[tuple], store: cache.ContentCache, index: dict) -> 
             crop_path = _crop_path(det)
             files.append((Path(job[1], crop_path), hits[key]))
             rows.append({**det, "crop": crop_path})
-    # Creating a file costs ~0.5 ms of the kernel's CPU, 20 times more than writing a crop's bytes; threads (which
-    # release the GIL in those system calls) spread it over the cores: 2,566 crops 1.45 -> 0.7 s on 2 cores.
+    # Creating a file costs 0.03-0.7 ms of kernel CPU here, depending on the file system's recent history, more
+    # than writing a crop's bytes; one thread per core (the system calls release the GIL) beat one thread in a warm
+    # rerun (bench/README.md, retrain_cache), more threads did not.
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        for _ in pool.map(lambda file: atomic_write(*file), files, chunksize=64):
+        for _ in pool.map(lambda file: atomic_write(*file), files):
             pass  # a failed write (a full disk) raises here
     return rows, redo
 
@@ -343,12 +344,12 @@ def run(cfg: CropConfig) -> CropResult:
         # an image with no checksum (neither on disk nor listed with one) has no keys: it fails to decode below
         keys = [[cache_key(checksums[job[0]], d, cfg) if checksums[job[0]] else "" for d in job[2]] for job in jobs]
         index = store.pack_index()
-        cached = [(job, ks) for job, ks in zip(jobs, keys, strict=True) if all(k in index for k in ks)]
-        todo = [
-            (_with_image(job, checksums[job[0]], store, cfg), ks)
-            for job, ks in zip(jobs, keys, strict=True)
-            if not all(k in index for k in ks)
-        ]
+        todo = []
+        for job, ks in zip(jobs, keys, strict=True):
+            if all(k in index for k in ks):
+                cached.append((job, ks))
+            else:
+                todo.append((_with_image(job, checksums[job[0]], store, cfg), ks))
     else:
         todo = list(zip(jobs, keys, strict=True))
     rows: list[dict] = []
