@@ -124,6 +124,31 @@ def test_best_weights_are_a_detached_copy():
     assert progress.finished and progress.best_epoch == 1 and "no val_macro_f1 improvement" in progress.stop_reason
 
 
+def test_patience_counts_from_fine_tunings_own_best_while_the_head_stays_the_model_to_beat():
+    """The Missouri pipeline run of 2026-12-06: fine-tuning scored 0.334, 0.331, 0.388, 0.336, 0.372 on val under a
+    head-only 0.393, and patience counted from the head stopped it at epoch 5, before it could overtake the head
+    (bench/README.md, accuracy). Patience now follows fine-tuning's own best; the kept model is still the best."""
+    cfg = train.TrainConfig(crops=".", split=".", out=".", patience=2, epochs=10)
+    model = torch.nn.Linear(2, 2)
+    progress = training.Progress(best=0.393, best_epoch=0, best_metrics={"val_macro_f1": 0.393})
+
+    def epoch(f1: float) -> None:
+        training.end_epoch(progress, {"val_loss": 1.0, "val_top1": f1, "val_macro_f1": f1}, cfg, model, 0.1)
+
+    for f1 in (0.334, 0.331, 0.388):  # below the head throughout, but still improving on itself at epoch 3
+        epoch(f1)
+    assert not progress.finished and progress.best_epoch == 0 and progress.stale == 0
+    epoch(0.336)
+    epoch(0.372)  # two epochs without beating 0.388: patience 2 runs out; nothing beat the head
+    assert progress.finished and progress.best_epoch == 0 and progress.best == 0.393
+    assert progress.best_state is None  # the head's weights (saved by fit_head) stay the ones kept
+
+    progress = training.Progress(best=0.393, best_epoch=0)
+    for f1 in (0.334, 0.331, 0.388, 0.42, 0.40):
+        epoch(f1)
+    assert not progress.finished and progress.best_epoch == 4 and progress.best == 0.42
+
+
 def test_normalisation_choices():
     base = {"crops": ".", "split": ".", "out": ".", "image_size": 64}
     none = training.build_preprocessing(train.TrainConfig(**base, normalisation="none"))

@@ -48,6 +48,9 @@ class Progress:
     best_epoch: int = 0
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_state: dict[str, Any] | None = None
+    # Patience counts epochs since fine-tuning last beat its own best, not the head-only model's (epoch 0): its
+    # first epochs often score below the head on val before they overtake it. ``best`` still includes the head.
+    tuned_best: float | None = None
     stale: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     finished: bool = False
@@ -390,9 +393,11 @@ def end_epoch(progress: Progress, val: dict[str, float], cfg, model, lr: float) 
     }
     progress.history.append(metrics)
     if improved(cfg.monitor, val[cfg.monitor], progress.best, cfg.min_delta):
-        progress.best, progress.best_epoch, progress.stale = val[cfg.monitor], progress.epoch, 0
+        progress.best, progress.best_epoch = val[cfg.monitor], progress.epoch
         progress.best_metrics = dict(val)
         progress.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if improved(cfg.monitor, val[cfg.monitor], progress.tuned_best, cfg.min_delta):
+        progress.tuned_best, progress.stale = val[cfg.monitor], 0
     else:
         progress.stale += 1
         if progress.stale >= cfg.patience:

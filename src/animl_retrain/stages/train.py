@@ -70,7 +70,9 @@ class TrainConfig(StageConfig):
     monitor: Literal["val_macro_f1", "val_top1", "val_loss"] = Field(
         "val_macro_f1", description="early-stopping metric"
     )
-    patience: int = Field(5, ge=1, description="stop after this many epochs without improvement")
+    patience: int = Field(
+        5, ge=1, description="stop after this many epochs without improvement on the best fine-tuned epoch"
+    )
     min_delta: float = Field(0.0, ge=0, description="smallest change of the monitored metric that counts")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto", description="mixed precision on GPU: auto (bf16 where supported, else fp16 with loss scaling)"
